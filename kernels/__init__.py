@@ -1,0 +1,1 @@
+"""Kernels of the QE linear/MoE layers: the torch reference (CPU serving path and test oracle) and Triton (CUDA)."""

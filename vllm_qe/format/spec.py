@@ -1,0 +1,230 @@
+"""Checkpoint format v1: the `quantization_config` schema and the tensors each quantized module carries.
+
+See docs/checkpoint-format.md. This module is the single source of truth for names, dtypes and shapes; the
+calibration writer, the checkpoint validator and the vLLM runtime all derive from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from vllm_qe.format.packing import packed_width
+from vllm_qe.format.quantizer import SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, num_groups
+
+QUANT_METHOD = "quant_experts"
+FORMAT_VERSION = 1
+
+
+class FormatError(ValueError):
+    """A checkpoint or config does not follow the format; the message names the field/module/tensor."""
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.bits not in SUPPORTED_WEIGHT_BITS:
+            raise FormatError(f"{where}.bits: must be one of {SUPPORTED_WEIGHT_BITS}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+            raise FormatError(f"{where}.group_size: must be a positive integer or -1, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    bits: int = 8
+    scheme: str = "per_token_dynamic"
+    symmetric: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.bits not in SUPPORTED_ACT_BITS:
+            raise FormatError(f"{where}.bits: must be one of {SUPPORTED_ACT_BITS}, got {self.bits!r}")
+        if self.scheme != "per_token_dynamic" or not self.symmetric:
+            raise FormatError(f"{where}: only symmetric per_token_dynamic activation quantization is supported")
+
+
+@dataclass(frozen=True)
+class AdapterScheme:
+    shared_rank: int = 0
+    num_routed: int = 0
+    routed_rank: int = 0
+    top_k: int = 1
+
+    def validate(self, where: str) -> None:
+        for name in ("shared_rank", "num_routed", "routed_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise FormatError(f"{where}.{name}: must be a non-negative integer, got {v!r}")
+        if (self.num_routed > 0) != (self.routed_rank > 0):
+            raise FormatError(f"{where}: num_routed and routed_rank must both be zero or both positive")
+        if self.top_k != 1:
+            raise FormatError(f"{where}.top_k: only hard top-1 routing is defined in format v1, got {self.top_k!r}")
+
+
+@dataclass(frozen=True)
+class ModuleScheme:
+    """Everything that fixes the tensors of one quantized module."""
+
+    weight: WeightScheme
+    activation: ActivationScheme | None
+    adapters: AdapterScheme
+    smooth: bool = False
+
+
+@dataclass
+class QEConfig:
+    """The `quantization_config` of a vllm-qe checkpoint."""
+
+    weight: WeightScheme = field(default_factory=WeightScheme)
+    activation: ActivationScheme | None = None
+    adapters: AdapterScheme = field(default_factory=AdapterScheme)
+    smooth: bool = False
+    algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "rtn", "params": {}})
+    ignore: list[str] = field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantized_modules: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    # -- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "weight": asdict(self.weight),
+            "activation": None if self.activation is None else asdict(self.activation),
+            "adapters": asdict(self.adapters),
+            "smooth": self.smooth,
+            "algorithm": copy.deepcopy(self.algorithm),
+            "ignore": list(self.ignore),
+            "overrides": copy.deepcopy(self.overrides),
+            "quantized_modules": list(self.quantized_modules),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QEConfig:
+        """Parse and validate; every error names the offending field."""
+        where = "quantization_config"
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
+        if d.get("quant_method") != QUANT_METHOD:
+            raise FormatError(f"{where}.quant_method: expected {QUANT_METHOD!r}, got {d.get('quant_method')!r}")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{where}.format_version: unsupported format_version {version!r} "
+                f"(this vllm-qe reads {FORMAT_VERSION})"
+            )
+        known = {"quant_method", "format_version", "weight", "activation", "adapters", "smooth", "algorithm",
+                 "ignore", "overrides", "quantized_modules"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FormatError(f"{where}: unknown field(s) {unknown}")
+        cfg = cls(
+            weight=_parse(WeightScheme, d.get("weight", {}), f"{where}.weight"),
+            activation=None if d.get("activation") is None
+            else _parse(ActivationScheme, d["activation"], f"{where}.activation"),
+            adapters=_parse(AdapterScheme, d.get("adapters", {}), f"{where}.adapters"),
+            smooth=bool(d.get("smooth", False)),
+            algorithm=dict(d.get("algorithm", {"name": "unknown"})),
+            ignore=list(d.get("ignore", [])),
+            overrides=dict(d.get("overrides", {})),
+            quantized_modules=list(d.get("quantized_modules", [])),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        where = "quantization_config"
+        self.weight.validate(f"{where}.weight")
+        if self.activation is not None:
+            self.activation.validate(f"{where}.activation")
+        self.adapters.validate(f"{where}.adapters")
+        for name, ov in self.overrides.items():
+            self.module_scheme(name).weight.validate(f"{where}.overrides[{name!r}].weight")
+            bad = sorted(set(ov) - {"weight", "activation", "adapters", "smooth"})
+            if bad:
+                raise FormatError(f"{where}.overrides[{name!r}]: unknown field(s) {bad}")
+
+    # -- per-module view ---------------------------------------------------------------------------------------
+    def is_ignored(self, name: str) -> bool:
+        """True when `name` matches the ignore list (exact name, or `re:` regular expression)."""
+        for pat in self.ignore:
+            if pat.startswith("re:"):
+                if re.fullmatch(pat[3:], name):
+                    return True
+            elif name == pat:
+                return True
+        return False
+
+    def module_scheme(self, name: str) -> ModuleScheme:
+        """The scheme of module `name` after applying its override, if any."""
+        ov = self.overrides.get(name, {})
+        weight = replace(self.weight, **ov["weight"]) if "weight" in ov else self.weight
+        if "activation" in ov:
+            act = None if ov["activation"] is None else _parse(
+                ActivationScheme, {**asdict(self.activation or ActivationScheme()), **ov["activation"]},
+                f"quantization_config.overrides[{name!r}].activation")
+        else:
+            act = self.activation
+        adapters = replace(self.adapters, **ov["adapters"]) if "adapters" in ov else self.adapters
+        return ModuleScheme(weight, act, adapters, bool(ov.get("smooth", self.smooth)))
+
+
+def _parse(kind: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = kind.__dataclass_fields__
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise FormatError(f"{where}: unknown field(s) {unknown}")
+    obj = kind(**d)
+    obj.validate(where)
+    return obj
+
+
+# Tensor suffixes of a quantized module, in a stable order.
+WEIGHT_PACKED = "weight_packed"
+WEIGHT_SCALE = "weight_scale"
+WEIGHT_ZERO = "weight_zero_point"
+WEIGHT_SHAPE = "weight_shape"
+SMOOTH_SCALE = "smooth_scale"
+SHARED_A = "shared_a"
+SHARED_B = "shared_b"
+ROUTED_A = "routed_a"
+ROUTED_B = "routed_b"
+ROUTER = "router"
+ALL_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_ZERO, WEIGHT_SHAPE, SMOOTH_SCALE, SHARED_A, SHARED_B,
+                ROUTED_A, ROUTED_B, ROUTER)
+
+
+def expected_tensors(
+    scheme: ModuleScheme, out_features: int, in_features: int
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Suffix -> (dtype, shape) of every tensor a module of this scheme and size must carry."""
+    w = scheme.weight
+    g = num_groups(in_features, w.group_size)
+    spec: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        WEIGHT_PACKED: (torch.int32, (out_features, packed_width(in_features, w.bits))),
+        WEIGHT_SCALE: (torch.float16, (out_features, g)),
+        WEIGHT_SHAPE: (torch.int64, (2,)),
+    }
+    if not w.symmetric:
+        spec[WEIGHT_ZERO] = (torch.uint8, (out_features, g))
+    if scheme.smooth:
+        spec[SMOOTH_SCALE] = (torch.float32, (in_features,))
+    a = scheme.adapters
+    if a.shared_rank:
+        spec[SHARED_A] = (torch.float32, (a.shared_rank, in_features))
+        spec[SHARED_B] = (torch.float32, (out_features, a.shared_rank))
+    if a.num_routed:
+        spec[ROUTED_A] = (torch.float32, (a.num_routed, a.routed_rank, in_features))
+        spec[ROUTED_B] = (torch.float32, (a.num_routed, out_features, a.routed_rank))
+        spec[ROUTER] = (torch.float32, (a.num_routed, in_features))
+    return spec

@@ -1,0 +1,95 @@
+"""`QuantExpertsConfig`: parses a v1 `quantization_config` and hands each vLLM layer its method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from vllm_qe.format.spec import QUANT_METHOD, FormatError, QEConfig
+
+
+class QuantExpertsConfig(QuantizationConfig):
+    """vLLM view of a vllm-qe checkpoint. Module names start as the checkpoint's (Hugging Face) names and are
+    renamed to vLLM's by `apply_vllm_mapper`."""
+
+    def __init__(self, qe: QEConfig) -> None:
+        super().__init__()
+        self.qe = qe
+        self.quantized: set[str] = set(qe.quantized_modules)
+        self.vllm_to_ckpt: dict[str, str] = {m: m for m in qe.quantized_modules}
+
+    def __repr__(self) -> str:
+        return f"QuantExpertsConfig({self.qe.to_dict()['weight']}, act={self.qe.activation}, {len(self.quantized)} modules)"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantExpertsConfig:
+        return cls(QEConfig.from_dict(config))
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        mapped = {}
+        for name in self.qe.quantized_modules:
+            new = hf_to_vllm_mapper._map_name(name)
+            if new is not None:
+                mapped[new] = self.vllm_to_ckpt.get(name, name)
+        self.vllm_to_ckpt = mapped
+        self.quantized = set(mapped)
+        self.qe.overrides = {
+            (hf_to_vllm_mapper._map_name(k) or k): v for k, v in self.qe.overrides.items()
+        }
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """Validate every quantized module's tensors before the engine builds, so a bad checkpoint fails with the
+        module and tensor named (local folders only)."""
+        import os
+
+        from vllm_qe.format.checkpoint import inspect_checkpoint
+
+        if os.path.isdir(model_name):
+            inspect_checkpoint(model_name)
+
+    def checkpoint_modules(self, prefix: str) -> list[str]:
+        """vLLM names of the checkpoint modules fused into the layer `prefix` ([] when it is not quantized)."""
+        if prefix in self.quantized:
+            return [prefix]
+        head, _, proj = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(proj)
+        if not shards:
+            return []
+        names = [f"{head}.{s}" if head else s for s in shards]
+        present = [n in self.quantized for n in names]
+        if any(present) and not all(present):
+            missing = [n for n, p in zip(names, present) if not p]
+            raise FormatError(
+                f"{prefix}: fused layer mixes quantized and unquantized modules (not quantized: {missing})"
+            )
+        return names if all(present) else []
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            modules = self.checkpoint_modules(prefix)
+            if not modules:
+                return UnquantizedLinearMethod()
+            from vllm_qe.runtime.linear import QELinearMethod
+
+            schemes = [self.qe.module_scheme(m) for m in modules]
+            return QELinearMethod(self, prefix, [self.vllm_to_ckpt[m] for m in modules], schemes)
+        return None

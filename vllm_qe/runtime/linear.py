@@ -1,0 +1,227 @@
+"""`QELinearMethod`: the vLLM linear method of vllm-qe (column, row, QKV, merged and replicated layers).
+
+Parameters are declared once with vLLM's parameter classes where their sharding is standard (packed weight,
+scales, zero points, the output side of the adapters) and with explicit loaders where it is not (tensors stacked
+per fused checkpoint module: smoothing vectors, adapter input sides, routers). Under tensor parallelism
+column-parallel layers shard the adapters' output side and row-parallel layers their input side; the router's
+partial scores are all-reduced in row-parallel layers so every rank picks the same expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, RowParallelLinear
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from vllm_qe.format import spec
+from vllm_qe.format.packing import pack_factor, packed_width, unpack
+from vllm_qe.format.quantizer import dequantize, num_groups
+from vllm_qe.format.spec import FormatError, ModuleScheme
+from vllm_qe.kernels import ops
+from vllm_qe.kernels.reference import route_grouped, router_scores
+
+_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+class QELinearMethod(LinearMethodBase):
+    """Low-bit GEMM + shared low-rank expert + per-token routed low-rank experts for one vLLM linear layer."""
+
+    def __init__(self, config, prefix: str, ckpt_modules: list[str], schemes: list[ModuleScheme]) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.ckpt_modules = ckpt_modules
+        first = schemes[0]
+        for name, s in zip(ckpt_modules, schemes):
+            if s != first:
+                raise FormatError(
+                    f"{prefix}: fused modules {ckpt_modules[0]} and {name} have different schemes; vLLM fuses them "
+                    "into one GEMM, so calibrate them with one scheme"
+                )
+        self.scheme = first
+
+    # -- create_weights ----------------------------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        s = self.scheme
+        w = s.weight
+        n = len(self.ckpt_modules)
+        if n not in (1, len(output_partition_sizes)):
+            raise FormatError(f"{self.prefix}: {n} checkpoint modules cannot fill {len(output_partition_sizes)} shards")
+        in_p, out_p = input_size_per_partition, sum(output_partition_sizes)
+        row_parallel = isinstance(layer, RowParallelLinear) and getattr(layer, "tp_size", 1) > 1
+        if row_parallel:
+            pf = pack_factor(w.bits)
+            if in_p % pf or (w.group_size != -1 and in_p % w.group_size):
+                raise FormatError(
+                    f"{self.prefix}: input size per rank {in_p} must be a multiple of the pack factor {pf} and of "
+                    f"group_size {w.group_size} for tensor-parallel size {layer.tp_size}"
+                )
+        loader = extra_weight_attrs["weight_loader"]
+        track = _tracking_loader(layer, self.prefix, loader)
+        stacked = _stacked_loader(layer, self.prefix, row_parallel, in_p)
+        g = num_groups(in_p, w.group_size)
+        layer.qe_loaded = {}
+        layer.qe_num_modules = n
+        layer.qe_out_splits = list(output_partition_sizes) if n > 1 else [out_p]
+        layer.qe_in = in_p
+        layer.qe_input_size = input_size
+
+        def reg(name: str, param: torch.nn.Parameter) -> None:
+            param.qe_suffix = name
+            layer.register_parameter(name, param)
+
+        reg(spec.WEIGHT_PACKED, PackedvLLMParameter(
+            data=torch.empty(out_p, packed_width(in_p, w.bits), dtype=torch.int32), input_dim=1, output_dim=0,
+            packed_dim=1, packed_factor=pack_factor(w.bits), weight_loader=track))
+        scale_cls = GroupQuantScaleParameter if w.group_size != -1 else ChannelQuantScaleParameter
+        scale_kw = {"input_dim": 1} if w.group_size != -1 else {}
+        reg(spec.WEIGHT_SCALE, scale_cls(data=torch.empty(out_p, g, dtype=torch.float16), output_dim=0,
+                                         weight_loader=track, **scale_kw))
+        if not w.symmetric:
+            reg(spec.WEIGHT_ZERO, scale_cls(data=torch.empty(out_p, g, dtype=torch.uint8), output_dim=0,
+                                            weight_loader=track, **scale_kw))
+        reg(spec.WEIGHT_SHAPE, _stacked(torch.zeros(n, 2, dtype=torch.int64), 1, None, stacked))
+        if s.smooth:
+            reg(spec.SMOOTH_SCALE, _stacked(torch.ones(n, in_p), 1, 1, stacked))
+        a = s.adapters
+        if a.shared_rank:
+            r = a.shared_rank
+            reg(spec.SHARED_A, _stacked(torch.zeros(n * r, in_p), r, 1, stacked))
+            reg(spec.SHARED_B, ChannelQuantScaleParameter(data=torch.zeros(out_p, r), output_dim=0,
+                                                          weight_loader=track))
+        if a.num_routed:
+            e, r = a.num_routed, a.routed_rank
+            reg(spec.ROUTED_A, _stacked(torch.zeros(n * e, r, in_p), e, 2, stacked))
+            reg(spec.ROUTED_B, ChannelQuantScaleParameter(data=torch.zeros(e, out_p, r), output_dim=1,
+                                                          weight_loader=track))
+            reg(spec.ROUTER, _stacked(torch.zeros(n * e, in_p), e, 1, stacked))
+        layer.qe_row_parallel = row_parallel
+
+    # -- process_weights_after_loading -------------------------------------------------------------------------
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        n = layer.qe_num_modules
+        for name, _ in list(layer.named_parameters(recurse=False)):
+            if name == "bias" or not hasattr(getattr(layer, name), "qe_suffix"):
+                continue
+            seen = layer.qe_loaded.get(name, set())
+            if len(seen) < n:
+                missing = [self.ckpt_modules[i] for i in range(n) if i not in seen] if n > 1 else self.ckpt_modules
+                raise FormatError(f"{missing[0]}.{name}: missing from the checkpoint (layer {self.prefix})")
+        w = self.scheme.weight
+        for i, (mod, (out_f, in_f)) in enumerate(zip(self.ckpt_modules, layer.weight_shape.tolist())):
+            if in_f != layer.qe_input_size:
+                raise FormatError(f"{mod}.weight_shape: input size {in_f} != model's {layer.qe_input_size}")
+        scale = layer.weight_scale.data.float()
+        if not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise FormatError(f"{self.ckpt_modules[0]}.weight_scale: contains NaN/Inf or non-positive scales")
+        zero = (layer.weight_zero_point.data.float() if not w.symmetric
+                else torch.full_like(scale, 2 ** (w.bits - 1)))
+        q = unpack(layer.weight_packed.data, w.bits, layer.qe_in)
+        # CPU path: keep the dequantized float32 weight (the Triton path reads the packed one).
+        layer.qe_weight = torch.nn.Parameter(dequantize(q, scale, zero, w.group_size), requires_grad=False)
+        for name in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        if self.scheme.smooth:
+            sm = layer.smooth_scale.data
+            if not torch.equal(sm, sm[:1].expand_as(sm)):
+                raise FormatError(f"{self.prefix}: fused modules {self.ckpt_modules} carry different smooth_scale "
+                                  "tensors; they read the same input and must share one")
+            layer.qe_smooth = torch.nn.Parameter(sm[0].clone(), requires_grad=False)
+        else:
+            layer.qe_smooth = None
+
+    # -- apply -------------------------------------------------------------------------------------------------
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        expert_ids = None
+        a = self.scheme.adapters
+        if a.num_routed:
+            scores = router_scores(x2, layer.router)
+            if layer.qe_row_parallel:
+                from vllm.distributed import tensor_model_parallel_all_reduce
+
+                scores = tensor_model_parallel_all_reduce(scores)
+            expert_ids = route_grouped(scores, layer.qe_num_modules)
+        act = self.scheme.activation
+        y = ops.qe_linear(
+            x2, layer.qe_weight, bias, layer.qe_smooth, act.bits if act else 0, layer.qe_out_splits,
+            getattr(layer, spec.SHARED_A, None), getattr(layer, spec.SHARED_B, None),
+            getattr(layer, spec.ROUTED_A, None), getattr(layer, spec.ROUTED_B, None), expert_ids,
+        )
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _shard_index(shard_id) -> int:
+    if shard_id is None:
+        return 0
+    if isinstance(shard_id, str):
+        return _SHARD_INDEX[shard_id]
+    if isinstance(shard_id, int):
+        return shard_id
+    raise FormatError(f"unsupported shard id {shard_id!r}")
+
+
+def _tracking_loader(layer: torch.nn.Module, prefix: str, loader: Callable) -> Callable:
+    """Wrap vLLM's loader: remember which fused module each parameter received (to report missing tensors)."""
+
+    def load(param, loaded_weight, *args, **kwargs):
+        shard_id = args[0] if args else kwargs.get("loaded_shard_id")
+        try:
+            loader(param, loaded_weight, *args, **kwargs)
+        except AssertionError as e:
+            raise FormatError(
+                f"{prefix}.{param.qe_suffix}: tensor of shape {list(loaded_weight.shape)} does not fit parameter "
+                f"{list(param.shape)} of this layer (shard {shard_id!r})"
+            ) from e
+        layer.qe_loaded.setdefault(param.qe_suffix, set()).add(_shard_index(shard_id))
+
+    return load
+
+
+def _stacked_loader(layer: torch.nn.Module, prefix: str, row_parallel: bool, in_p: int) -> Callable:
+    """Loader of tensors stacked per fused module along dim 0 (`param.qe_block` rows each); the input dimension
+    `param.qe_input_dim` (in the checkpoint tensor) is narrowed to this rank's slice in row-parallel layers."""
+
+    def load(param, loaded_weight, shard_id=None):
+        idx = _shard_index(shard_id)
+        t = loaded_weight
+        block, in_dim = param.qe_block, param.qe_input_dim
+        if block == 1 and param.dim() > t.dim():
+            t = t.unsqueeze(0)
+        if row_parallel and in_dim is not None:
+            rank = param.tp_rank
+            t = t.narrow(in_dim, rank * in_p, in_p)
+        dst = param.data.narrow(0, idx * block, block)
+        if tuple(dst.shape) != tuple(t.shape):
+            raise FormatError(
+                f"{prefix}.{param.qe_suffix} (shard {shard_id!r}): expected shape {list(dst.shape)}, "
+                f"found {list(t.shape)}"
+            )
+        dst.copy_(t.to(dst.dtype))
+        layer.qe_loaded.setdefault(param.qe_suffix, set()).add(idx)
+
+    return load
+
+
+def _stacked(data: torch.Tensor, block: int, input_dim: int | None, loader: Callable) -> BasevLLMParameter:
+    p = BasevLLMParameter(data=data, weight_loader=loader)
+    p.qe_block = block
+    p.qe_input_dim = input_dim
+    return p
