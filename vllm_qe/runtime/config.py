@@ -45,16 +45,17 @@ class QuantExpertsConfig(QuantizationConfig):
         return cls(QEConfig.from_dict(config))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        mapped = {}
-        for name in self.qe.quantized_modules:
+        """Add the mapped name of every module as an alias. vLLM calls this once per model class that has a mapper
+        (e.g. the VLM and then its inner language model), so names seen so far are all kept."""
+        for name, ckpt_name in list(self.vllm_to_ckpt.items()):
             new = hf_to_vllm_mapper._map_name(name)
             if new is not None:
-                mapped[new] = self.vllm_to_ckpt.get(name, name)
-        self.vllm_to_ckpt = mapped
-        self.quantized = set(mapped)
-        self.qe.overrides = {
-            (hf_to_vllm_mapper._map_name(k) or k): v for k, v in self.qe.overrides.items()
-        }
+                self.vllm_to_ckpt.setdefault(new, ckpt_name)
+        self.quantized = set(self.vllm_to_ckpt)
+        for k, v in list(self.qe.overrides.items()):
+            new = hf_to_vllm_mapper._map_name(k)
+            if new is not None:
+                self.qe.overrides.setdefault(new, v)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         """Validate every quantized module's tensors before the engine builds, so a bad checkpoint fails with the

@@ -1,0 +1,130 @@
+"""`calibrate(model_dir, out_dir, config)`: the one entry point (the CLI mirrors it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_qe.calibration import algorithms
+from vllm_qe.calibration.data import BUILTIN, build_inputs, load_calibration_set
+from vllm_qe.calibration.driver import LayerwiseDriver
+from vllm_qe.calibration.model_structure import Chain, get_chains, image_token_id
+from vllm_qe.format import checkpoint as ckpt
+from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, QEConfig, WeightScheme
+
+
+@dataclass
+class CalibrationConfig:
+    """What to do. `abits=None` is weight-only (A16); `group_size=-1` is per-channel."""
+
+    method: str = "rtn"
+    wbits: int = 4
+    abits: int | None = None
+    group_size: int = 128
+    symmetric: bool = False
+    calib: str = BUILTIN
+    num_samples: int = 32
+    seed: int = 0
+    quantize_vision: bool = True
+    quantize_language: bool = True
+    ignore: list[str] = field(default_factory=list)
+    propagate: str = "quantized"
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _algorithm_adapters(algo) -> AdapterScheme:
+    return getattr(algo, "adapter_scheme", AdapterScheme())
+
+
+def load_model(model_dir: str | Path):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationConfig | None = None,
+              *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Quantize the HF VLM in `model_dir` and write a vllm-qe checkpoint to `out_dir` (atomically)."""
+    from transformers import AutoProcessor
+    from transformers.core_model_loading import revert_weight_conversion
+
+    config = config or CalibrationConfig()
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (use --overwrite)")
+    model_cfg = ckpt.read_config(model_dir)
+    model = load_model(model_dir)
+    model_type = model.config.model_type
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    algo = algorithms.get_algorithm(config.method, **config.method_params)
+    act = None if config.abits is None else ActivationScheme(bits=config.abits)
+    qcfg = QEConfig(weight=WeightScheme(config.wbits, config.group_size, config.symmetric), activation=act,
+                    adapters=_algorithm_adapters(algo), smooth=bool(getattr(algo, "smooths", False)),
+                    algorithm={"name": config.method, "params": config.method_params})
+    qcfg.validate()
+
+    chains = [c for c in get_chains(model, model_type)
+              if (c.tower == "language" and config.quantize_language)
+              or (c.tower != "language" and config.quantize_vision)]
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    disk = _disk_names(model, all_linears, revert_weight_conversion)
+    in_chains = {f"{name}.{sub}" for c in chains for name, unit in c.units
+                 for sub, m in unit.named_modules() if isinstance(m, torch.nn.Linear)}
+    tensors = ckpt.load_tensors(model_dir)
+    for n in sorted(in_chains):
+        if f"{disk[n]}.weight" not in tensors:
+            raise ValueError(f"{model_dir}: module {n} maps to {disk[n]}.weight, which is not in the safetensors")
+
+    def scheme_of(name: str) -> ModuleScheme | None:
+        if name not in in_chains or qcfg.is_ignored(disk[name]) or any(
+                _matches(p, name) for p in config.ignore):
+            return None
+        return qcfg.module_scheme(disk[name])
+
+    ds = load_calibration_set(config.calib, config.num_samples, config.seed)
+    samples = [build_inputs(processor, r["image"], r["question"], r["answer"] or None) for r in ds]
+    img_tok = image_token_id(model.config)
+
+    def masks_of(chain: Chain, s: dict[str, torch.Tensor]) -> torch.Tensor:
+        if chain.tower == "language":
+            return (s["input_ids"] == img_tok).reshape(-1)
+        return torch.ones(1, dtype=torch.bool)
+
+    driver = LayerwiseDriver(model, algo, scheme_of, propagate=config.propagate, seed=config.seed,
+                             progress=progress)
+    results = driver.run(chains, samples, masks_of)
+
+    qcfg.quantized_modules = sorted(disk[n] for n in results)
+    qcfg.ignore = sorted(disk[n] for n in all_linears if n not in results)
+    for n, q in results.items():
+        tensors.pop(f"{disk[n]}.weight")
+        tensors.update(q.to_tensors(disk[n]))
+    model_cfg.pop("quantization_config", None)
+    report = {"config": asdict(config), "seconds": round(time.time() - t0, 2), "num_samples": len(samples),
+              "layer_rel_error": driver.report.layers, "blocks": driver.report.blocks}
+    return ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
+                                 source_dir=model_dir, report=report, overwrite=overwrite)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(pattern[3:], name)) if pattern.startswith("re:") else pattern == name
+
+
+def _disk_names(model, names: list[str], revert) -> dict[str, str]:
+    """In-memory module name -> the name its weight has in the model folder's safetensors."""
+    out = {}
+    for n in names:
+        keys = list(revert(model, {f"{n}.weight": torch.zeros(1)}).keys())
+        if len(keys) != 1 or not keys[0].endswith(".weight"):
+            raise ValueError(f"cannot map module {n} to a checkpoint tensor name (got {keys})")
+        out[n] = keys[0][: -len(".weight")]
+    return out

@@ -1,0 +1,49 @@
+"""Where the blocks are: the architecture knowledge the layer-wise driver needs (one table entry per family).
+
+A *chain* is a sequence of modules where each one's output is the next one's input (a tower's blocks); the
+connector between vision tower and language model is a chain of one. Adding an architecture = one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# model_type -> (vision blocks, connector, language blocks), as attribute paths in the transformers model.
+CHAINS: dict[str, tuple[str, str, str]] = {
+    "qwen2_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
+    "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
+    "llava": ("model.vision_tower.vision_model.encoder.layers", "model.multi_modal_projector",
+              "model.language_model.layers"),
+}
+
+
+@dataclass
+class Chain:
+    """`units`: (module name, module) in execution order; `tower`: "vision" | "connector" | "language"."""
+
+    tower: str
+    units: list[tuple[str, torch.nn.Module]]
+
+
+def get_chains(model: torch.nn.Module, model_type: str) -> list[Chain]:
+    if model_type not in CHAINS:
+        raise ValueError(f"model_type {model_type!r} is not supported yet; supported: {sorted(CHAINS)}")
+    vision, connector, language = CHAINS[model_type]
+    out = []
+    for tower, path in (("vision", vision), ("connector", connector), ("language", language)):
+        mod = model.get_submodule(path)
+        if isinstance(mod, torch.nn.ModuleList):
+            units = [(f"{path}.{i}", m) for i, m in enumerate(mod)]
+        else:
+            units = [(path, mod)]
+        out.append(Chain(tower, units))
+    return out
+
+
+def image_token_id(config) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    raise ValueError("model config has no image_token_id / image_token_index")
