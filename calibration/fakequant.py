@@ -30,3 +30,49 @@ class FakeQuantLinear(torch.nn.Module):
             shared_b=q.shared_b, routed_a=q.routed_a, routed_b=q.routed_b, expert_ids=ids,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def load_fake_quant_model(ckpt_dir, dtype: torch.dtype = torch.float32):
+    """A transformers model of a vllm-qe checkpoint whose quantized linears are `FakeQuantLinear` (the reference
+    of what vLLM serves). Non-quantized tensors load through transformers as usual."""
+    import logging
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from vllm_qe.format.checkpoint import group_module_tensors, load_tensors, read_qe_config, validate_module
+
+    qcfg = read_qe_config(ckpt_dir)
+    config = AutoConfig.from_pretrained(str(ckpt_dir))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tf_logger = logging.getLogger("transformers.modeling_utils")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)  # quantized modules' `.weight` is absent by design
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), config=config, dtype=dtype).eval()
+    finally:
+        tf_logger.setLevel(level)
+    tensors = load_tensors(ckpt_dir)
+    grouped = group_module_tensors(set(tensors), qcfg.quantized_modules)
+    replaced = set()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        keys = list(revert_weight_conversion(model, {f"{name}.weight": torch.zeros(1)}))
+        disk = keys[0][: -len(".weight")]
+        if disk not in grouped:
+            continue
+        scheme = qcfg.module_scheme(disk)
+        t = {s: tensors[n] for s, n in grouped[disk].items()}
+        validate_module(disk, t, scheme)
+        q = QuantizedLinear.from_tensors(t, scheme)
+        bias = tensors.get(f"{disk}.bias")
+        act = scheme.activation.bits if scheme.activation else None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FakeQuantLinear(q, bias, act))
+        replaced.add(disk)
+    missing = set(qcfg.quantized_modules) - replaced
+    if missing:
+        raise ValueError(f"{ckpt_dir}: quantized modules not found in the model: {sorted(missing)[:5]}")
+    return model

@@ -14,7 +14,7 @@ import torch
 CHAINS: dict[str, tuple[str, str, str]] = {
     "qwen2_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
     "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
-    "llava": ("model.vision_tower.vision_model.encoder.layers", "model.multi_modal_projector",
+    "llava": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
               "model.language_model.layers"),
 }
 

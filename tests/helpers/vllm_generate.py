@@ -1,0 +1,51 @@
+"""Run vLLM offline on a checkpoint and dump greedy tokens + top logprobs as JSON (used by the tests).
+
+usage: python vllm_generate.py CKPT REQUESTS.json OUT.json [--tp N]
+REQUESTS.json: [{"prompt": str, "image": path}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    import argparse
+
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    from vllm_qe.serving import engine_kwargs
+
+    p = argparse.ArgumentParser()
+    p.add_argument("ckpt")
+    p.add_argument("requests")
+    p.add_argument("out")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=6)
+    p.add_argument("--no-quant", action="store_true")
+    a = p.parse_args()
+    reqs = json.loads(open(a.requests).read())
+    kw = engine_kwargs(a.ckpt, tensor_parallel_size=a.tp)
+    if a.no_quant:
+        kw.pop("quantization")
+    if a.tp > 1:
+        kw["gpu_memory_utilization"] = 0.5
+    llm = LLM(**kw)
+    inputs = [{"prompt": r["prompt"], "multi_modal_data": {"image": Image.open(r["image"]).convert("RGB")}}
+              for r in reqs]
+    outs = llm.generate(inputs, SamplingParams(max_tokens=a.max_tokens, temperature=0.0, logprobs=5))
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        result.append({
+            "token_ids": list(c.token_ids), "text": c.text,
+            "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs],
+        })
+    with open(a.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

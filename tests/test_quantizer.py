@@ -1,0 +1,112 @@
+"""Quantization primitives against straightforward (loop) references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_qe.format.packing import pack, pack_factor, packed_width, unpack
+from vllm_qe.format.quantizer import (
+    compute_qparams,
+    dequantize,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    num_groups,
+    quantize,
+)
+
+
+def _reference_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Loop over rows and groups; the obvious textbook formula."""
+    out = torch.empty_like(w)
+    gs = w.shape[1] if group_size == -1 else group_size
+    for r in range(w.shape[0]):
+        for start in range(0, w.shape[1], gs):
+            g = w[r, start:start + gs]
+            if symmetric:
+                qmax = 2 ** (bits - 1) - 1
+                s = torch.tensor(max(float(g.abs().max()) / qmax, 1e-6)).half().float()
+                z = 2 ** (bits - 1)
+            else:
+                lo, hi = min(float(g.min()), 0.0), max(float(g.max()), 0.0)
+                s = torch.tensor(max((hi - lo) / (2**bits - 1), 1e-6)).half().float()
+                z = float(torch.round(torch.tensor(-lo) / s).clamp(0, 2**bits - 1))
+            q = torch.clamp(torch.round(g / s) + z, 0, 2**bits - 1)
+            out[r, start:start + gs] = (q - z) * s
+    return out
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weight_fake_quant_matches_loop_reference(bits, group_size, symmetric):
+    torch.manual_seed(bits * 100 + group_size)
+    w = torch.randn(6, 256) * 0.05
+    qp = compute_qparams(w, bits, group_size, symmetric)
+    got = fake_quantize_weight(w, qp)
+    torch.testing.assert_close(got, _reference_fake_quant(w, bits, group_size, symmetric), rtol=0, atol=1e-7)
+    # error bound: half a step (symmetric); one step when the rounded zero point shifts the grid (asymmetric)
+    step = qp.scale[:, torch.arange(256) // (256 if group_size == -1 else group_size)]
+    assert ((got - w).abs() <= step * (0.5 if symmetric else 1.0) + 1e-6).all()
+
+
+def test_ragged_last_group_is_quantized_on_its_own_channels():
+    torch.manual_seed(0)
+    w = torch.randn(4, 100)  # 100 = 3 * 32 + 4: the last group has 4 channels
+    qp = compute_qparams(w, 4, 32, False)
+    assert qp.scale.shape == (4, num_groups(100, 32)) == (4, 4)
+    torch.testing.assert_close(fake_quantize_weight(w, qp), _reference_fake_quant(w, 4, 32, False), rtol=0, atol=1e-7)
+
+
+def test_quantize_dequantize_roundtrip_integers():
+    torch.manual_seed(1)
+    w = torch.randn(8, 64)
+    qp = compute_qparams(w, 4, 32, False)
+    q = quantize(w, qp)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15
+    torch.testing.assert_close(dequantize(q, qp.scale, qp.zero, 32), fake_quantize_weight(w, qp))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_features", [1, 31, 64, 100])
+def test_pack_unpack_exact(bits, in_features):
+    g = torch.Generator().manual_seed(bits + in_features)
+    q = torch.randint(0, 2**bits, (5, in_features), generator=g, dtype=torch.int32)
+    packed = pack(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (5, packed_width(in_features, bits))
+    assert torch.equal(unpack(packed, bits, in_features), q)
+
+
+def test_pack_layout_is_little_end_first():
+    q = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.int32)
+    word = int(pack(q, 4)[0, 0]) & 0xFFFFFFFF
+    assert word == sum(v << (4 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 15]))
+    assert pack_factor(3) == 10
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([[16]]), 4)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_activation_fake_quant_per_token(bits):
+    torch.manual_seed(bits)
+    x = torch.randn(7, 48) * torch.linspace(0.1, 10, 7)[:, None]
+    x[3] = 0
+    got = fake_quantize_activation(x, bits)
+    qmax = 2 ** (bits - 1) - 1
+    for t in range(x.shape[0]):
+        s = max(float(x[t].abs().max()) / qmax, 1e-12)
+        ref = torch.clamp(torch.round(x[t] / s), -qmax - 1, qmax) * s
+        torch.testing.assert_close(got[t], ref, rtol=0, atol=1e-6)
+    assert torch.equal(got[3], torch.zeros(48))
+    # each token keeps its own scale: a large token does not crush a small one
+    assert (got[0] - x[0]).abs().max() < x[0].abs().max() / qmax
+
+
+def test_unsupported_bits_are_rejected():
+    with pytest.raises(ValueError, match="weight bits"):
+        compute_qparams(torch.randn(2, 8), 5, 8, False)
+    with pytest.raises(ValueError, match="activation bits"):
+        fake_quantize_activation(torch.randn(2, 8), 3)
