@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from vllm_qe.calibration import algorithms
 from vllm_qe.calibration.data import BUILTIN, build_inputs, load_calibration_set
 from vllm_qe.calibration.driver import LayerwiseDriver
 from vllm_qe.calibration.model_structure import Chain, get_chains, image_token_id
+
 from vllm_qe.format import checkpoint as ckpt
 from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, QEConfig, WeightScheme
 
@@ -66,7 +66,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     algo = algorithms.get_algorithm(config.method, **config.method_params)
     act = None if config.abits is None else ActivationScheme(bits=config.abits)
     qcfg = QEConfig(weight=WeightScheme(config.wbits, config.group_size, config.symmetric), activation=act,
-                    adapters=_algorithm_adapters(algo), smooth=bool(getattr(algo, "smooths", False)),
+                    adapters=_algorithm_adapters(algo), smooth=algo.uses_smoothing(act is not None),
                     algorithm={"name": config.method, "params": config.method_params})
     qcfg.validate()
 

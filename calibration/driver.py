@@ -14,6 +14,7 @@ Only one block's activations are held at a time (plus the per-sample keyword ten
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Callable
@@ -22,11 +23,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget
 from vllm_qe.calibration.fakequant import FakeQuantLinear
 from vllm_qe.calibration.model_structure import Chain
 from vllm_qe.calibration.stats import InputStats
+
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme
 
@@ -109,10 +110,8 @@ class LayerwiseDriver:
         hooks.append(chain.units[-1][1].register_forward_hook(stop))
         try:
             for s in samples:
-                try:
+                with contextlib.suppress(_StopForward):
                     self.model(**s)
-                except _StopForward:
-                    pass
         finally:
             for h in hooks:
                 h.remove()
@@ -167,8 +166,10 @@ class LayerwiseDriver:
         stats: dict[str, InputStats] = {}
         for sub, (mod, scheme) in linears.items():
             req = self.algorithm.stats_request(scheme)
+            topk = req.topk if req else 0
             stats[sub] = InputStats(mod.in_features, gram=bool(req and req.gram),
-                                    max_tokens=max(REPORT_TOKENS, req.max_tokens if req else 0), seed=self.seed)
+                                    max_tokens=max(REPORT_TOKENS, req.max_tokens if req else 0), seed=self.seed,
+                                    topk=topk, channel_score=mod.weight.detach().float().abs().mean(0) if topk else None)
         ptrs: dict[str, tuple] = {}
         fp_out = self._run_unit(unit, calls, hiddens, masks, stats, linears, ptrs)
         groups: dict[tuple, list[str]] = {}

@@ -27,6 +27,13 @@ class InputStats:
     weight_sum: float = 0.0
     sample: torch.Tensor | None = None  # [<= max_tokens, in] float32 reservoir
     sample_vision: torch.Tensor | None = None  # [<= max_tokens] bool
+    sample_weight: torch.Tensor | None = None  # [<= max_tokens] float32 token weights (1 when none given)
+    # QE channel statistics: per token the `topk` channels of largest |x_t| * channel_score are "important".
+    topk: int = 0
+    channel_score: torch.Tensor | None = None  # [in] (QE: mean_row |W|)
+    pick_vision: torch.Tensor | None = None  # [in] float64 pick counts over vision tokens
+    pick_text: torch.Tensor | None = None  # [in] float64 pick counts over text tokens
+    cooc: torch.Tensor | None = None  # [in, in] float64 co-occurrence counts of important channels
     _seen: int = field(default=0, repr=False)
 
     def update(self, x: torch.Tensor, vision: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -46,24 +53,46 @@ class InputStats:
             g = (xd * w[:, None]).t() @ xd
             self.xtx = g if self.xtx is None else self.xtx + g
             self.weight_sum += float(w.sum())
+        if self.topk:
+            self._update_topk(ax, vision)
         if self.max_tokens:
-            self._reservoir(x, vision)
+            w = torch.ones(x.shape[0]) if weight is None else weight.float().reshape(-1)
+            self._reservoir(x, vision, w)
 
-    def _reservoir(self, x: torch.Tensor, vision: torch.Tensor) -> None:
+    def _update_topk(self, ax: torch.Tensor, vision: torch.Tensor) -> None:
+        k = min(self.topk, self.in_features)
+        idx = (ax * self.channel_score).topk(k, dim=-1).indices
+        onehot = torch.zeros_like(ax, dtype=torch.float64).scatter_(1, idx, 1.0)
+        if self.cooc is None:
+            self.cooc = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+            self.pick_vision = torch.zeros(self.in_features, dtype=torch.float64)
+            self.pick_text = torch.zeros(self.in_features, dtype=torch.float64)
+        self.cooc += onehot.t() @ onehot
+        self.pick_vision += onehot[vision].sum(0)
+        self.pick_text += onehot[~vision].sum(0)
+
+    def _reservoir(self, x: torch.Tensor, vision: torch.Tensor, w: torch.Tensor) -> None:
         gen = torch.Generator().manual_seed(self.seed + self._seen)
         if self.sample is None:
             self.sample = x.new_empty(0, self.in_features)
             self.sample_vision = vision.new_empty(0)
+            self.sample_weight = w.new_empty(0)
         room = self.max_tokens - self.sample.shape[0]
         take = min(room, x.shape[0])
         if take:
             self.sample = torch.cat([self.sample, x[:take]])
             self.sample_vision = torch.cat([self.sample_vision, vision[:take]])
-        for i in range(take, x.shape[0]):
-            j = int(torch.randint(0, self._seen + i + 1, (1,), generator=gen))
-            if j < self.max_tokens:
-                self.sample[j] = x[i]
-                self.sample_vision[j] = vision[i]
+            self.sample_weight = torch.cat([self.sample_weight, w[:take]])
+        rest = x.shape[0] - take
+        if rest > 0:
+            # Algorithm R, vectorised: item i (global index n_i) replaces slot j ~ U[0, n_i] when j < max_tokens.
+            n = torch.arange(self._seen + take, self._seen + x.shape[0]) + 1
+            j = (torch.rand(rest, generator=gen) * n).long()
+            keep = (j < self.max_tokens).nonzero(as_tuple=True)[0]
+            for i in keep.tolist():  # sequential so later items overwrite earlier ones, as in Algorithm R
+                self.sample[j[i]] = x[take + i]
+                self.sample_vision[j[i]] = vision[take + i]
+                self.sample_weight[j[i]] = w[take + i]
         self._seen += x.shape[0]
 
     @property

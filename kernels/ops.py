@@ -7,7 +7,6 @@ scores in between.
 from __future__ import annotations
 
 import torch
-
 from vllm_qe.kernels import reference
 
 

@@ -28,7 +28,8 @@ def _qlinear(out_f=16, in_f=64, bits=4, gs=32, sym=False, adapters=None):
     return q
 
 
-def _write(tmp_path, name="ckpt", adapters=AdapterScheme(), sym=False):
+def _write(tmp_path, name="ckpt", adapters=None, sym=False):
+    adapters = adapters or AdapterScheme()
     cfg = QEConfig(weight=WeightScheme(4, 32, sym), adapters=adapters, quantized_modules=["layer.a", "layer.b"])
     tensors = {"embed.weight": torch.randn(10, 4)}
     for m in cfg.quantized_modules:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-
 from vllm_qe.calibration.stats import InputStats
+
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme
 
@@ -23,6 +23,7 @@ class StatsRequest:
 
     gram: bool = False
     max_tokens: int = 0
+    topk: int = 0  # QE: count each token's `topk` most important channels (|x| * mean_row |W|)
 
 
 @dataclass
@@ -43,6 +44,12 @@ class Algorithm:
 
     def __init__(self, **params: Any) -> None:
         self.params = params
+
+    smooths: ClassVar[bool] = False  # writes `smooth_scale` tensors
+
+    def uses_smoothing(self, act_quantized: bool) -> bool:
+        """Whether this algorithm's checkpoint carries `smooth_scale` (may depend on activation quantization)."""
+        return self.smooths
 
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest | None:
         """None: this algorithm needs no calibration data (the driver skips the statistics pass)."""

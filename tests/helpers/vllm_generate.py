@@ -26,7 +26,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=6)
     p.add_argument("--no-quant", action="store_true")
     a = p.parse_args()
-    reqs = json.loads(open(a.requests).read())
+    with open(a.requests) as f:
+        reqs = json.load(f)
     kw = engine_kwargs(a.ckpt, tensor_parallel_size=a.tp)
     if a.no_quant:
         kw.pop("quantization")

@@ -139,7 +139,7 @@ class CheckpointSummary:
             f"checkpoint      {self.path}",
             f"format          quant_experts v{c.format_version}, algorithm {c.algorithm.get('name')}",
             f"scheme          W{c.weight.bits}{act} ({gs}, {sym}){' + smoothing' if c.smooth else ''}",
-            f"modules         {len(self.modules)} quantized, {len(c.ignore)} ignore pattern(s), "
+            f"modules         {len(self.modules)} quantized, {len(c.ignore)} ignored, "
             f"{len(c.overrides)} override(s)",
             f"adapters        shared rank {a.shared_rank}, {a.num_routed} routed x rank {a.routed_rank} "
             f"({self.adapter_params:,} params, {self.adapter_bytes / 2**20:.2f} MiB)",

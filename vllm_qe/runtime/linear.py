@@ -123,7 +123,7 @@ class QELinearMethod(LinearMethodBase):
                 missing = [self.ckpt_modules[i] for i in range(n) if i not in seen] if n > 1 else self.ckpt_modules
                 raise FormatError(f"{missing[0]}.{name}: missing from the checkpoint (layer {self.prefix})")
         w = self.scheme.weight
-        for i, (mod, (out_f, in_f)) in enumerate(zip(self.ckpt_modules, layer.weight_shape.tolist())):
+        for mod, (_, in_f) in zip(self.ckpt_modules, layer.weight_shape.tolist()):
             if in_f != layer.qe_input_size:
                 raise FormatError(f"{mod}.weight_shape: input size {in_f} != model's {layer.qe_input_size}")
         scale = layer.weight_scale.data.float()

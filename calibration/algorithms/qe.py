@@ -1,0 +1,187 @@
+"""QE — Quant Experts: a shared low-rank expert for token-independent important channels and routed low-rank
+experts for token-dependent ones, chosen per token by a linear router on |x| (arXiv 2602.24059).
+
+Pure functions on tensors; the evidence tags ([S] secondary notes, [I] our inference) follow
+`shared/papers/algorithms.md` and are repeated in docs/algorithms.md with the measured alternatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
+from vllm_qe.calibration.algorithms.gptq import gptq_quantize
+from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
+from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
+from vllm_qe.calibration.stats import InputStats
+
+from vllm_qe.format.module import QuantizedLinear
+from vllm_qe.format.quantizer import compute_qparams, dequantize, quantize
+from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme
+
+
+@dataclass
+class QEParams:
+    k: int = 32  # important channels per token [S]
+    num_routed: int = 8  # N_r [S]
+    shared_rank: int = 32  # r_s [S]
+    routed_rank: int = 32  # r_r [S]
+    base: str = "auto"  # rtn | gptq | smoothquant | awq | auto (smoothquant with act quant, else rtn)
+    alpha: float = 0.5  # SmoothQuant migration strength
+    exempt_shared: bool = True  # C_s columns exempt from direct quantization [S]
+    mix: float = 0.1  # weight of the global Gram matrix in each routed expert's fit (regulariser) [I]
+    seed: int = 0
+
+
+def channel_split(stats: InputStats, k: int, num_routed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_s, C_r): the `k` most frequently important channels, then the next `num_routed * k` [S]."""
+    freq = stats.pick_vision + stats.pick_text
+    order = torch.argsort(freq, descending=True, stable=True)
+    return order[:k], order[k:k + num_routed * k]
+
+
+def npmi_affinity(cooc: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """NPMI of channel co-occurrence, mapped to a [0, 1] affinity `(npmi + 1) / 2` [S: NPMI; I: the mapping,
+    since spectral clustering needs non-negative affinities]. Pairs never seen together get NPMI = -1."""
+    p = cooc.double() / max(n_tokens, 1)
+    pi = p.diagonal()
+    pij = p.clone()
+    with torch.no_grad():
+        npmi = torch.log(pij / (pi[:, None] * pi[None, :]).clamp(min=1e-300)) / (-torch.log(pij))
+    npmi = torch.where(pij > 0, npmi, torch.full_like(npmi, -1.0))
+    npmi = torch.where(pij >= 1.0, torch.ones_like(npmi), npmi)  # always co-occurring: -log p = 0
+    npmi.fill_diagonal_(1.0)
+    return ((npmi.clamp(-1, 1) + 1) / 2).float()
+
+
+def cluster_channels(affinity: torch.Tensor, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """scikit-learn spectral clustering on a precomputed affinity (normalised Laplacian + k-means) [S]."""
+    from sklearn.cluster import SpectralClustering
+
+    n = affinity.shape[0]
+    if n_clusters >= n:
+        return np.arange(n) % n_clusters
+    sc = SpectralClustering(n_clusters=n_clusters, affinity="precomputed", random_state=seed, assign_labels="kmeans")
+    return sc.fit_predict(affinity.double().numpy())
+
+
+def token_groups(x: torch.Tensor, channel_score: torch.Tensor, k: int, channels: torch.Tensor,
+                 labels: np.ndarray, n_groups: int) -> torch.Tensor:
+    """Each token's group: the cluster holding most of its important channels (-1: none of them) [I]."""
+    idx = (x.abs() * channel_score).topk(min(k, x.shape[1]), dim=-1).indices
+    lab = torch.full((x.shape[1],), -1, dtype=torch.long)
+    lab[channels] = torch.as_tensor(labels, dtype=torch.long)
+    hits = lab[idx]  # [T, k]
+    counts = torch.stack([(hits == g).sum(1) for g in range(n_groups)], 1)  # [T, G]
+    best = counts.argmax(1)
+    return torch.where(counts.max(1).values > 0, best, torch.full_like(best, -1))
+
+
+def base_quantize(w: torch.Tensor, scheme: WeightScheme, exempt: torch.Tensor | None, hessian: torch.Tensor | None,
+                  method: str) -> QuantizedLinear:
+    """RTN or GPTQ of `w` with `exempt` columns forced to dequantize to 0 (they are left to the adapters)."""
+    if method == "gptq":
+        return gptq_quantize(w, hessian, scheme, exempt=exempt)
+    wz = w.clone()
+    if exempt is not None:
+        wz[:, exempt] = 0.0
+    qp = compute_qparams(wz, scheme.bits, scheme.group_size, scheme.symmetric)
+    return QuantizedLinear(quantize(wz, qp), qp.scale, qp.zero, scheme.bits, scheme.group_size, scheme.symmetric)
+
+
+def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEParams,
+           smooth: torch.Tensor | None, base: str, token_weight: torch.Tensor | None = None) -> QuantizedLinear:
+    """Quantize one linear layer and fit its shared expert, routed experts and router.
+
+    `weight` `[out, in]`; `stats` with Gram, reservoir and top-k co-occurrence; `smooth` `[in]` or None.
+    Returns a QuantizedLinear whose adapters are zero-padded to the configured ranks."""
+    w = weight.float()
+    out_f, in_f = w.shape
+    k = max(1, min(p.k, in_f // 8))
+    cs, cr = channel_split(stats, k, p.num_routed)
+    exempt = None
+    if p.exempt_shared:
+        exempt = torch.zeros(in_f, dtype=torch.bool)
+        exempt[cs] = True
+    ws = w if smooth is None else w * smooth
+    h = stats.hessian().float()
+    hs = h if smooth is None else h / torch.outer(smooth, smooth)
+    q = base_quantize(ws, scheme.weight, exempt, hs, base)
+    q.smooth = smooth
+    w_hat = dequantize(q.qweight, q.scale, q.zero, q.group_size)
+    if smooth is not None:
+        w_hat = w_hat / smooth
+    err = w - w_hat  # what the adapters (reading the unsmoothed x) must add back
+
+    a_s, b_s = whitened_svd(err, h, p.shared_rank)  # [S] shared expert: whitening SVD
+    q.shared_a, q.shared_b = pad_rank(a_s, b_s, p.shared_rank)
+    resid = err - b_s @ a_s
+
+    if p.num_routed:
+        n_groups = min(p.num_routed, max(1, len(cr)))
+        e_ra = torch.zeros(p.num_routed, p.routed_rank, in_f)
+        e_rb = torch.zeros(p.num_routed, out_f, p.routed_rank)
+        router = torch.zeros(p.num_routed, in_f)
+        labels = cluster_channels(npmi_affinity(stats.cooc[cr][:, cr], stats.n_tokens), n_groups, p.seed)
+        x = stats.sample
+        tw = torch.ones(x.shape[0]) if token_weight is None else token_weight.float()
+        groups = token_groups(x, stats.channel_score, k, cr, labels, n_groups)
+        for g in range(p.num_routed):
+            if g < n_groups:
+                sel = groups == g
+                hg = p.mix * h
+                if int(sel.sum()) > 0:
+                    xg = x[sel] * tw[sel].sqrt()[:, None]
+                    hg = hg + (xg.t() @ xg) / float(tw[sel].sum())
+                a, b = whitened_svd(resid, hg, p.routed_rank)
+                a, b = pad_rank(a, b, p.routed_rank)
+                e_ra[g], e_rb[g] = a, b
+            # [S]/[I] closed-form router: an upper bound of the expert's residual, linear in |x|.
+            router[g] = (resid - e_rb[g] @ e_ra[g]).norm(dim=0)
+        q.routed_a, q.routed_b, q.router = e_ra, e_rb, router
+    return q
+
+
+@register
+class QuantExperts(Algorithm):
+    """QE. Parameters (JSON via --method-params): k, num_routed, shared_rank, routed_rank, base, alpha,
+    exempt_shared, mix, seed. Defaults are the paper's (32, 8, 32, 32); k is capped at in/8 for narrow layers."""
+
+    name = "qe"
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.p = QEParams(**params)
+        self.adapter_scheme = AdapterScheme(self.p.shared_rank, self.p.num_routed,
+                                            self.p.routed_rank if self.p.num_routed else 0)
+
+    def uses_smoothing(self, act_quantized: bool) -> bool:
+        return self.p.base in ("smoothquant", "awq") or (self.p.base == "auto" and act_quantized)
+
+    def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
+        return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k)
+
+    def _base(self, scheme: ModuleScheme) -> tuple[str, str]:
+        """(smoothing, quantizer): `auto` smooths (SmoothQuant) only when activations are quantized."""
+        b = self.p.base
+        if b == "auto":
+            return ("smoothquant", "rtn") if scheme.activation is not None else ("none", "rtn")
+        if b in ("smoothquant", "awq"):
+            return b, "rtn"
+        return "none", b
+
+    def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
+        scheme = targets[0].scheme
+        smoothing, quantizer = self._base(scheme)
+        st = targets[0].stats
+        s = None
+        if smoothing == "smoothquant":
+            s = smoothquant_scales(st.abs_max, [t.weight for t in targets], self.p.alpha)
+        elif smoothing == "awq":
+            s, _ = scale_search(st.sample, [t.weight for t in targets], scheme, token_weight=st.sample_weight)
+        out = {}
+        for t in targets:
+            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, self.p, s, quantizer, t.stats.sample_weight)
+        return out

@@ -1,0 +1,164 @@
+"""Algorithms on synthetic layers where the right answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm_qe.calibration.algorithms.base import LinearTarget, get_algorithm
+from vllm_qe.calibration.algorithms.gptq import gptq_quantize
+from vllm_qe.calibration.algorithms.lowrank import scaled_svd, whitened_svd
+from vllm_qe.calibration.algorithms.qe import QEParams, channel_split, cluster_channels, npmi_affinity, qe_fit
+from vllm_qe.calibration.algorithms.rtn import rtn_quantize
+from vllm_qe.calibration.stats import InputStats
+from vllm_qe.kernels import reference
+
+from vllm_qe.format.quantizer import dequantize
+from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, WeightScheme
+
+
+def _stats(x, vision=None, **kw) -> InputStats:
+    st = InputStats(x.shape[1], **kw)
+    st.update(x, torch.zeros(x.shape[0], dtype=torch.bool) if vision is None else vision)
+    return st
+
+
+def _out(q, x, act_bits=None):
+    ids = None if q.router is None else reference.route(x, q.router)[:, None]
+    w = dequantize(q.qweight, q.scale, q.zero, q.group_size)
+    return reference.qe_linear(x, w, act_bits=act_bits, smooth=q.smooth, shared_a=q.shared_a, shared_b=q.shared_b,
+                               routed_a=q.routed_a, routed_b=q.routed_b, expert_ids=ids)
+
+
+def test_stats_stream_equals_batch_and_reservoir_is_bounded():
+    torch.manual_seed(0)
+    x = torch.randn(500, 16)
+    one = _stats(x, gram=True)
+    many = InputStats(16, gram=True, max_tokens=64)
+    for chunk in x.split(37):
+        many.update(chunk, torch.zeros(len(chunk), dtype=torch.bool))
+    torch.testing.assert_close(one.hessian(), many.hessian())
+    torch.testing.assert_close(one.abs_mean, many.abs_mean)
+    assert many.sample.shape == (64, 16) and many.n_tokens == 500
+    # every reservoir row is a real input row
+    assert all(any(torch.equal(r, xr) for xr in x) for r in many.sample[:5])
+
+
+def test_whitened_svd_is_optimal_in_the_activation_norm():
+    torch.manual_seed(1)
+    x = torch.randn(2000, 32) @ torch.randn(32, 32)  # correlated inputs
+    h = x.t() @ x / len(x)
+    err = torch.randn(24, 32)
+    a, b = whitened_svd(err, h, 32)
+    assert torch.allclose(b @ a, err, atol=1e-3)  # full rank reproduces E exactly
+    a8, b8 = whitened_svd(err, h, 8)
+    ap, bp = scaled_svd(err, torch.ones(32), 8)  # plain SVD, same rank
+    def act_err(a, b):
+        return float(((err - b @ a) @ x.t()).norm())
+    assert act_err(a8, b8) < 0.95 * act_err(ap, bp)
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    torch.manual_seed(2)
+    x = torch.randn(4000, 64) @ (torch.eye(64) + 0.5 * torch.randn(64, 64))
+    w = torch.randn(48, 64) * 0.05
+    h = x.t() @ x / len(x)
+    scheme = WeightScheme(3, 32, False)
+    def out_err(q):
+        return float((x @ (w - dequantize(q.qweight, q.scale, q.zero, 32)).t()).norm())
+    assert out_err(gptq_quantize(w, h, scheme)) < 0.8 * out_err(rtn_quantize(w, scheme))
+
+
+def test_smoothing_methods_tame_activation_outliers_under_w4a8():
+    torch.manual_seed(3)
+    x = torch.randn(1024, 64)
+    x[:, :4] *= 40  # outlier channels (the SmoothQuant setting)
+    w = torch.randn(32, 64) * 0.05
+    scheme = ModuleScheme(WeightScheme(4, -1, True), ActivationScheme(bits=8), AdapterScheme())
+    ref = x @ w.t()
+    errs = {}
+    for name in ("rtn", "smoothquant", "awq"):
+        st = _stats(x, max_tokens=1024)
+        q = get_algorithm(name).quantize_group([LinearTarget("l", w, None, st, scheme)])["l"]
+        errs[name] = float((_out(q, x, act_bits=8) - ref).norm() / ref.norm())
+    assert errs["smoothquant"] < errs["rtn"] and errs["awq"] < errs["rtn"]
+
+
+def _planted_layer(seed=4, n_tokens=4000):
+    """Inputs where channel groups light up for disjoint token subsets, plus always-on outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    in_f, out_f, n_groups, size = 128, 64, 4, 8
+    x = torch.randn(n_tokens, in_f, generator=g)
+    kind = torch.randint(0, n_groups, (n_tokens,), generator=g)
+    x[:, :4] *= 6  # token-independent important channels
+    groups = [list(range(32 + i * size, 32 + (i + 1) * size)) for i in range(n_groups)]
+    for i, ch in enumerate(groups):
+        rows = kind == i
+        x[rows.nonzero(as_tuple=True)[0][:, None], torch.tensor(ch)[None, :]] *= 10
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    return x, w, kind, groups
+
+
+def test_qe_clustering_recovers_planted_channel_groups():
+    x, w, kind, groups = _planted_layer()
+    st = _stats(x, topk=12, channel_score=w.abs().mean(0))
+    cs, cr = channel_split(st, 4, 8)
+    assert set(cs.tolist()) == {0, 1, 2, 3}
+    assert set(cr.tolist()) == {c for grp in groups for c in grp}
+    labels = cluster_channels(npmi_affinity(st.cooc[cr][:, cr], st.n_tokens), 4)
+    found = {}
+    for ch, lab in zip(cr.tolist(), labels.tolist()):
+        found.setdefault(lab, set()).add(ch)
+    assert sorted(map(sorted, found.values())) == sorted(map(sorted, groups))
+
+
+def test_qe_routed_experts_beat_lqer_of_same_total_rank_on_the_token_subsets():
+    x, w, kind, _ = _planted_layer()
+    scheme = ModuleScheme(WeightScheme(3, 32, False), None, AdapterScheme())
+    st = _stats(x, gram=True, max_tokens=4000, topk=12, channel_score=w.abs().mean(0))
+    p = QEParams(k=4, num_routed=4, shared_rank=4, routed_rank=8)  # per-token rank 4 + 8 = 12
+    q = qe_fit(w, st, scheme, p, None, "rtn")
+    lqer = get_algorithm("lqer", rank=12).quantize_group([LinearTarget("l", w, None, st, scheme)])["l"]
+    rtn = rtn_quantize(w, scheme.weight)
+    ref = x @ w.t()
+    # the router sends each planted token kind to one expert
+    ids = reference.route(x, q.router)
+    purity = sum(int(torch.bincount(ids[kind == i]).max()) for i in range(4)) / len(x)
+    assert purity > 0.9
+    for i in range(4):
+        rows = kind == i
+        e_qe = float((_out(q, x[rows]) - ref[rows]).norm())
+        e_lqer = float((_out(lqer, x[rows]) - ref[rows]).norm())
+        e_rtn = float((_out(rtn, x[rows]) - ref[rows]).norm())
+        assert e_qe < 0.8 * e_lqer < e_rtn, (i, e_qe, e_lqer, e_rtn)
+
+
+def test_qe_exempt_channels_dequantize_to_zero_and_shared_expert_restores_them():
+    x, w, _, _ = _planted_layer(n_tokens=1000)
+    scheme = ModuleScheme(WeightScheme(4, 32, False), None, AdapterScheme())
+    st = _stats(x, gram=True, max_tokens=1000, topk=12, channel_score=w.abs().mean(0))
+    q = qe_fit(w, st, scheme, QEParams(k=4, num_routed=0, shared_rank=8, routed_rank=0), None, "rtn")
+    base = dequantize(q.qweight, q.scale, q.zero, 32)
+    assert torch.equal(base[:, :4], torch.zeros(64, 4))
+    ref = x @ w.t()
+    assert float((_out(q, x) - ref).norm()) < float((x @ base.t() - ref).norm()) / 5
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "smoothquant", "awq", "mbq", "lqer", "qe"])
+def test_every_method_quantizes_a_fused_group(method):
+    torch.manual_seed(5)
+    x = torch.randn(600, 64)
+    ws = [torch.randn(32, 64) * 0.05, torch.randn(16, 64) * 0.05]
+    scheme = ModuleScheme(WeightScheme(4, 32, False), ActivationScheme(bits=8), AdapterScheme())
+    params = {"k": 4, "num_routed": 2, "shared_rank": 4, "routed_rank": 4} if method == "qe" else {}
+    algo = get_algorithm(method, **params)
+    req = algo.stats_request(scheme)
+    st = InputStats(64, gram=bool(req and req.gram), max_tokens=max(256, req.max_tokens if req else 0),
+                    topk=req.topk if req else 0, channel_score=ws[0].abs().mean(0) if req and req.topk else None)
+    st.update(x, torch.rand(600) < 0.3)
+    res = algo.quantize_group([LinearTarget(f"l{i}", w, None, st, scheme) for i, w in enumerate(ws)])
+    for i, w in enumerate(ws):
+        q = res[f"l{i}"]
+        rel = float((_out(q, x, 8) - x @ w.t()).norm() / (x @ w.t()).norm())
+        assert rel < 0.2
+    if algo.uses_smoothing(True):
+        assert torch.equal(res["l0"].smooth, res["l1"].smooth)  # one input, one smoothing vector
