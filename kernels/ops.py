@@ -23,14 +23,16 @@ def qe_linear(
     routed_a: torch.Tensor | None,
     routed_b: torch.Tensor | None,
     expert_ids: torch.Tensor | None,
+    act_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x` `[T, in]` -> `[T, out]`; `act_bits` 0 means no activation quantization. See `reference.qe_linear`."""
     return reference.qe_linear(
         x, weight, bias, act_bits=act_bits or None, smooth=smooth, out_splits=out_splits, shared_a=shared_a,
-        shared_b=shared_b, routed_a=routed_a, routed_b=routed_b, expert_ids=expert_ids,
+        shared_b=shared_b, routed_a=routed_a, routed_b=routed_b, expert_ids=expert_ids, act_absmax=act_absmax,
     )
 
 
 @qe_linear.register_fake
-def _(x, weight, bias, smooth, act_bits, out_splits, shared_a, shared_b, routed_a, routed_b, expert_ids):
+def _(x, weight, bias, smooth, act_bits, out_splits, shared_a, shared_b, routed_a, routed_b, expert_ids,
+      act_absmax=None):
     return x.new_empty(x.shape[0], weight.shape[0])

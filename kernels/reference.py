@@ -54,6 +54,7 @@ def qe_linear(
     routed_a: torch.Tensor | None = None,
     routed_b: torch.Tensor | None = None,
     expert_ids: torch.Tensor | None = None,
+    act_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One QE linear layer on `x` `[T, in]` with dequantized `weight` `[out, in]` (in smoothed space when `smooth`
     is given).
@@ -61,12 +62,13 @@ def qe_linear(
     A layer may fuse `n` checkpoint modules along its output (`out_splits`, summing to `out`; e.g. q/k/v). Module
     `g` owns output columns `out_splits[g]`, shared adapter rows `shared_a[g*r:(g+1)*r]` and routed experts
     `routed_a[g*E:(g+1)*E]`; `shared_b` `[out, r]` and `routed_b` `[E, out, r]` are indexed by output column.
-    `expert_ids` `[T, n]` is each token's routed expert per module (see `route`).
+    `expert_ids` `[T, n]` is each token's routed expert per module (see `route`). `act_absmax` `[T, 1]`: the
+    per-token max |x / s| over the whole (tensor-parallel sharded) token, when this call holds only a slice.
     """
     splits = out_splits or [weight.shape[0]]
     xs = x.float() if smooth is None else x.float() / smooth.float()
     if act_bits is not None:
-        xs = fake_quantize_activation(xs, act_bits)
+        xs = fake_quantize_activation(xs, act_bits, act_absmax)
     y = xs @ weight.float().t()
     o0 = 0
     for g, width in enumerate(splits):

@@ -81,7 +81,19 @@ def test_pack_layout_is_little_end_first():
     q = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.int32)
     word = int(pack(q, 4)[0, 0]) & 0xFFFFFFFF
     assert word == sum(v << (4 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 15]))
-    assert pack_factor(3) == 10
+    assert pack_factor(4) == 8
+
+
+def test_3bit_is_a_bitstream_of_32_values_per_3_words():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 8, (3, 64), generator=g, dtype=torch.int32)
+    packed = pack(q, 3)
+    assert packed.shape == (3, 6)
+    stream = sum(int(v) << (3 * i) for i, v in enumerate(q[1].tolist()))
+    words = [(stream >> (32 * j)) & 0xFFFFFFFF for j in range(6)]
+    assert [int(w) & 0xFFFFFFFF for w in packed[1]] == words
+    # a 32-value slice (a tensor-parallel shard) is exactly 3 words
+    assert torch.equal(unpack(packed[:, 3:], 3, 32), q[:, 32:])
 
 
 def test_pack_rejects_out_of_range():

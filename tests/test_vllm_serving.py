@@ -16,12 +16,18 @@ pytestmark = pytest.mark.vllm
 LOGPROB_ATOL = 2e-3
 
 
-@pytest.mark.parametrize("arch, cfg", [
-    ("qwen2_vl", dict(wbits=4, abits=8)),
-    ("llava", dict(wbits=3, abits=None)),
+QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
+
+
+@pytest.mark.parametrize("arch, method, cfg", [
+    ("qwen2_vl", "rtn", dict(wbits=4, abits=8)),
+    ("llava", "rtn", dict(wbits=3, abits=None)),
+    # QE: smoothing + shared + routed experts + router, through vLLM's fused qkv_proj / gate_up_proj layers
+    ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL)),
+    ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL)),
 ])
-def test_vllm_matches_fake_quant_transformers(arch, cfg, quantized_dir, tmp_path):
-    ckpt = quantized_dir(arch, "rtn", **cfg)
+def test_vllm_matches_fake_quant_transformers(arch, method, cfg, quantized_dir, tmp_path):
+    ckpt = quantized_dir(arch, method, **cfg)
     reqs = make_requests(ckpt, tmp_path)
     v = run_vllm(ckpt, reqs, tmp_path)
     h = run_transformers(load_fake_quant_model(ckpt), ckpt, reqs)

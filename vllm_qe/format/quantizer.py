@@ -113,15 +113,17 @@ def quantize_column(w_col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (q - zero) * scale
 
 
-def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, bits: int, absmax: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token dynamic symmetric fake quantization of `x` `[..., in]` in float32 arithmetic.
 
     `s_t = max|x_t| / (2^(b-1) - 1)`; `x_t ≈ clamp(round(x_t / s_t), -2^(b-1), 2^(b-1) - 1) * s_t`; returned in
-    `x.dtype`. A zero row stays zero.
+    `x.dtype`. A zero row stays zero. `absmax` `[..., 1]` overrides `max|x_t|` (a tensor-parallel rank holding
+    part of the token passes the max over all ranks, so every rank quantizes with the whole token's scale).
     """
     if bits not in SUPPORTED_ACT_BITS:
         raise ValueError(f"activation bits must be one of {SUPPORTED_ACT_BITS}, got {bits}")
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-12)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax.float()
+    scale = (amax / qmax).clamp(min=1e-12)
     return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)

@@ -21,7 +21,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_qe.format import spec
-from vllm_qe.format.packing import pack_factor, packed_width, unpack
+from vllm_qe.format.packing import packed_width, shard_unit, unpack
 from vllm_qe.format.quantizer import dequantize, num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
 from vllm_qe.kernels import ops
@@ -65,11 +65,11 @@ class QELinearMethod(LinearMethodBase):
         in_p, out_p = input_size_per_partition, sum(output_partition_sizes)
         row_parallel = isinstance(layer, RowParallelLinear) and getattr(layer, "tp_size", 1) > 1
         if row_parallel:
-            pf = pack_factor(w.bits)
-            if in_p % pf or (w.group_size != -1 and in_p % w.group_size):
+            unit = shard_unit(w.bits)
+            if in_p % unit or (w.group_size != -1 and in_p % w.group_size):
                 raise FormatError(
-                    f"{self.prefix}: input size per rank {in_p} must be a multiple of the pack factor {pf} and of "
-                    f"group_size {w.group_size} for tensor-parallel size {layer.tp_size}"
+                    f"{self.prefix}: input size per rank {in_p} must be a multiple of {unit} ({w.bits}-bit words) "
+                    f"and of group_size {w.group_size} for tensor-parallel size {layer.tp_size}"
                 )
         loader = extra_weight_attrs["weight_loader"]
         track = _tracking_loader(layer, self.prefix, loader)
@@ -87,7 +87,7 @@ class QELinearMethod(LinearMethodBase):
 
         reg(spec.WEIGHT_PACKED, PackedvLLMParameter(
             data=torch.empty(out_p, packed_width(in_p, w.bits), dtype=torch.int32), input_dim=1, output_dim=0,
-            packed_dim=1, packed_factor=pack_factor(w.bits), weight_loader=track))
+            packed_dim=1, packed_factor=32 // w.bits, weight_loader=track))
         scale_cls = GroupQuantScaleParameter if w.group_size != -1 else ChannelQuantScaleParameter
         scale_kw = {"input_dim": 1} if w.group_size != -1 else {}
         reg(spec.WEIGHT_SCALE, scale_cls(data=torch.empty(out_p, g, dtype=torch.float16), output_dim=0,
@@ -160,10 +160,18 @@ class QELinearMethod(LinearMethodBase):
                 scores = tensor_model_parallel_all_reduce(scores)
             expert_ids = route_grouped(scores, layer.qe_num_modules)
         act = self.scheme.activation
+        absmax = None
+        if act is not None and layer.qe_row_parallel:
+            # Each rank holds a slice of the token: quantize with the whole token's scale (max over ranks).
+            from vllm.distributed import get_tp_group
+
+            xs = x2.float() if layer.qe_smooth is None else x2.float() / layer.qe_smooth
+            local = xs.abs().amax(dim=-1, keepdim=True)
+            absmax = get_tp_group().all_gather(local, dim=-1).amax(dim=-1, keepdim=True)
         y = ops.qe_linear(
             x2, layer.qe_weight, bias, layer.qe_smooth, act.bits if act else 0, layer.qe_out_splits,
             getattr(layer, spec.SHARED_A, None), getattr(layer, spec.SHARED_B, None),
-            getattr(layer, spec.ROUTED_A, None), getattr(layer, spec.ROUTED_B, None), expert_ids,
+            getattr(layer, spec.ROUTED_A, None), getattr(layer, spec.ROUTED_B, None), expert_ids, absmax,
         )
         return y.reshape(*shape[:-1], y.shape[-1])
 

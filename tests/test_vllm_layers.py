@@ -1,0 +1,50 @@
+"""vLLM's QE linear method vs FakeQuantLinear at the layer level, through the real weight loaders, at TP=1 and
+TP=2 (torchrun + gloo on CPU): QKV, merged gate/up (column-parallel) and down (row-parallel) layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+HELPER = Path(__file__).parent / "helpers" / "layer_check.py"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(opts: dict, tp: int) -> list[dict]:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    if tp == 1:
+        cmd = [sys.executable, str(HELPER), json.dumps(opts)]
+        env.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(_port()))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", f"--master-port={_port()}",
+               str(HELPER), json.dumps(opts)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert {row["layer"] for row in rows} == {"qkv_proj", "gate_up_proj", "down_proj"}
+    return rows
+
+
+@pytest.mark.parametrize("opts", [
+    {"wbits": 4, "abits": 8},
+    {"wbits": 3, "abits": None, "qe": True},
+    {"wbits": 4, "abits": 6, "qe": True},
+])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_linear_method_matches_reference(opts, tp):
+    for row in _run(opts, tp):
+        # TP=1 computes the very same float32 ops; TP=2 row-parallel sums partial products in another order.
+        tol = 0.0 if tp == 1 else 1e-5 * row["ref_scale"]
+        assert row["max_abs_err"] <= tol, row
