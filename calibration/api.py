@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vllm_qe.calibration import algorithms
 from vllm_qe.calibration.data import BUILTIN, build_inputs, load_calibration_set
 from vllm_qe.calibration.driver import LayerwiseDriver
 from vllm_qe.calibration.model_structure import Chain, get_chains, image_token_id
-
 from vllm_qe.format import checkpoint as ckpt
 from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, QEConfig, WeightScheme
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget
 from vllm_qe.calibration.fakequant import FakeQuantLinear
 from vllm_qe.calibration.model_structure import Chain
 from vllm_qe.calibration.stats import InputStats
-
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme
 

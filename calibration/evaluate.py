@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+
 from vllm_qe.calibration.data import build_inputs
 from vllm_qe.calibration.fakequant import FakeQuantLinear, load_fake_quant_model
 from vllm_qe.calibration.fixtures.vqa import generate
@@ -97,5 +98,8 @@ def evaluate_dirs(fp_dir, q_dir, n: int = 200, seed: int = EVAL_SEED) -> EvalRes
 
     processor = AutoProcessor.from_pretrained(str(fp_dir))
     fp = AutoModelForImageTextToText.from_pretrained(str(fp_dir), dtype=torch.float32).eval()
-    q = load_fake_quant_model(q_dir) if q_dir is not None else fp
+    from pathlib import Path
+
+    same = q_dir is None or Path(q_dir).resolve() == Path(fp_dir).resolve()
+    q = fp if same else load_fake_quant_model(q_dir)
     return evaluate(fp, q, processor, n=n, seed=seed)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from vllm_qe.kernels import reference
 
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import dequantize
+from vllm_qe.kernels import reference
 
 
 class FakeQuantLinear(torch.nn.Module):

@@ -22,10 +22,10 @@ def main() -> int:
     a = p.parse_args()
 
     import openai
+
     from vllm_qe.calibration.api import CalibrationConfig, calibrate
     from vllm_qe.calibration.fixtures.tiny_models import build_tiny_model
     from vllm_qe.calibration.fixtures.vqa import make_sample
-
     from vllm_qe.client import image_data_url, image_message, wait_ready
     from vllm_qe.format.checkpoint import inspect_checkpoint
     from vllm_qe.serving import server_command, server_env

@@ -7,6 +7,7 @@ scores in between.
 from __future__ import annotations
 
 import torch
+
 from vllm_qe.kernels import reference
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from vllm_qe.calibration.algorithms.base import LinearTarget, get_algorithm
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import scaled_svd, whitened_svd
 from vllm_qe.calibration.algorithms.qe import QEParams, channel_split, cluster_channels, npmi_affinity, qe_fit
 from vllm_qe.calibration.algorithms.rtn import rtn_quantize
 from vllm_qe.calibration.stats import InputStats
-from vllm_qe.kernels import reference
-
 from vllm_qe.format.quantizer import dequantize
 from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, WeightScheme
+from vllm_qe.kernels import reference
 
 
 def _stats(x, vision=None, **kw) -> InputStats:

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+
 from vllm_qe.calibration.algorithms.rtn import RTN
 from vllm_qe.calibration.api import CalibrationConfig, calibrate
 from vllm_qe.calibration.data import build_inputs
 from vllm_qe.calibration.fakequant import FakeQuantLinear, load_fake_quant_model
-
 from vllm_qe.format.checkpoint import inspect_checkpoint, load_tensors, read_qe_config
 from vllm_qe.format.quantizer import compute_qparams, fake_quantize_weight
 
@@ -42,6 +42,7 @@ def test_rtn_checkpoint_covers_vision_and_language(arch, quantized_dir, tiny_dir
 
 def test_fake_quant_model_runs_and_differs_from_full_precision(quantized_dir, tiny_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from vllm_qe.calibration.fixtures.vqa import make_sample
 
     out = quantized_dir("qwen2_vl", "rtn", wbits=3, abits=None)

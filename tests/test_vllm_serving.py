@@ -6,9 +6,9 @@ import json
 
 import pytest
 from safetensors.torch import load_file, save_file
-from vllm_qe.calibration.fakequant import load_fake_quant_model
 
 from tests.helpers.compare import assert_same, make_requests, run_transformers, run_vllm
+from vllm_qe.calibration.fakequant import load_fake_quant_model
 
 pytestmark = pytest.mark.vllm
 

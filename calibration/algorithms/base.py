@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from vllm_qe.calibration.stats import InputStats
 
+from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, scaled_svd
 from vllm_qe.calibration.algorithms.rtn import rtn_quantize
 from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
-
 from vllm_qe.format.quantizer import dequantize
 from vllm_qe.format.spec import AdapterScheme, ModuleScheme
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
 from vllm_qe.calibration.stats import InputStats
-
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import compute_qparams, dequantize, quantize
 from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, register
 
+from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, register
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import compute_qparams, quantize
 from vllm_qe.format.spec import WeightScheme

@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 
 def make_requests(ckpt: Path, tmp: Path, n: int = 3) -> list[dict]:
     from transformers import AutoProcessor
+
     from vllm_qe.calibration.data import chat_messages
     from vllm_qe.calibration.fixtures.vqa import make_sample
 

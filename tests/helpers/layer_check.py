@@ -47,7 +47,11 @@ def main() -> None:
 
 def _run(opts, rank: int, ws: int, port: str) -> None:
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from vllm.model_executor.layers.linear import (
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
 
     from vllm_qe.calibration.fakequant import FakeQuantLinear
     from vllm_qe.format.spec import ActivationScheme, AdapterScheme, QEConfig, WeightScheme
