@@ -6,9 +6,19 @@ scores in between.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from vllm_qe.format.packing import unpack
+from vllm_qe.format.quantizer import dequantize
 from vllm_qe.kernels import reference
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """CUDA tensors -> Triton; CPU -> the torch reference, unless VLLM_QE_FORCE_TRITON=1 (with TRITON_INTERPRET=1,
+    how CI runs the kernels on CPU)."""
+    return x.is_cuda or os.environ.get("VLLM_QE_FORCE_TRITON") == "1"
 
 
 @torch.library.custom_op("vllm_qe::qe_linear", mutates_args=())
@@ -37,3 +47,43 @@ def qe_linear(
 def _(x, weight, bias, smooth, act_bits, out_splits, shared_a, shared_b, routed_a, routed_b, expert_ids,
       act_absmax=None):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("vllm_qe::qe_linear_packed", mutates_args=())
+def qe_linear_packed(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    act_bits: int,
+    out_splits: list[int],
+    shared_a: torch.Tensor | None,
+    shared_b: torch.Tensor | None,
+    routed_a: torch.Tensor | None,
+    routed_b: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    act_absmax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """QE linear from the checkpoint's packed layout: Triton on CUDA; on CPU it dequantizes and calls the
+    reference (slow, used by tests as the oracle of the Triton path)."""
+    if use_triton(x):
+        from vllm_qe.kernels.triton.qe_linear import qe_linear_packed as triton_impl
+
+        return triton_impl(x, packed, scale, zero, bits, group_size, bias, smooth, act_bits, out_splits, shared_a,
+                           shared_b, routed_a, routed_b, expert_ids, act_absmax)
+    k = x.shape[1]
+    z = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32) if zero is None else zero
+    w = dequantize(unpack(packed, bits, k), scale.float(), z.float(), group_size)
+    return reference.qe_linear(x, w, bias, act_bits=act_bits or None, smooth=smooth, out_splits=out_splits,
+                               shared_a=shared_a, shared_b=shared_b, routed_a=routed_a, routed_b=routed_b,
+                               expert_ids=expert_ids, act_absmax=act_absmax)
+
+
+@qe_linear_packed.register_fake
+def _(x, packed, scale, zero, bits, group_size, bias, smooth, act_bits, out_splits, shared_a, shared_b, routed_a,
+      routed_b, expert_ids, act_absmax=None):
+    return x.new_empty(x.shape[0], packed.shape[0])

@@ -129,14 +129,19 @@ class QELinearMethod(LinearMethodBase):
         scale = layer.weight_scale.data.float()
         if not torch.isfinite(scale).all() or (scale <= 0).any():
             raise FormatError(f"{self.ckpt_modules[0]}.weight_scale: contains NaN/Inf or non-positive scales")
-        zero = (layer.weight_zero_point.data.float() if not w.symmetric
-                else torch.full_like(scale, 2 ** (w.bits - 1)))
-        q = unpack(layer.weight_packed.data, w.bits, layer.qe_in)
-        # CPU path: keep the dequantized float32 weight (the Triton path reads the packed one).
-        layer.qe_weight = torch.nn.Parameter(dequantize(q, scale, zero, w.group_size), requires_grad=False)
-        for name in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
-            if hasattr(layer, name):
-                delattr(layer, name)
+        layer.qe_use_triton = layer.weight_packed.is_cuda
+        if layer.qe_use_triton:
+            # CUDA: the Triton kernels read the checkpoint's packed layout as is (no repacking).
+            layer.qe_weight = None
+        else:
+            # CPU: keep the dequantized float32 weight for the torch path; drop the packed copies.
+            zero = (layer.weight_zero_point.data.float() if not w.symmetric
+                    else torch.full_like(scale, 2 ** (w.bits - 1)))
+            q = unpack(layer.weight_packed.data, w.bits, layer.qe_in)
+            layer.qe_weight = torch.nn.Parameter(dequantize(q, scale, zero, w.group_size), requires_grad=False)
+            for name in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
+                if hasattr(layer, name):
+                    delattr(layer, name)
         if self.scheme.smooth:
             sm = layer.smooth_scale.data
             if not torch.equal(sm, sm[:1].expand_as(sm)):
@@ -168,11 +173,16 @@ class QELinearMethod(LinearMethodBase):
             xs = x2.float() if layer.qe_smooth is None else x2.float() / layer.qe_smooth
             local = xs.abs().amax(dim=-1, keepdim=True)
             absmax = get_tp_group().all_gather(local, dim=-1).amax(dim=-1, keepdim=True)
-        y = ops.qe_linear(
-            x2, layer.qe_weight, bias, layer.qe_smooth, act.bits if act else 0, layer.qe_out_splits,
-            getattr(layer, spec.SHARED_A, None), getattr(layer, spec.SHARED_B, None),
-            getattr(layer, spec.ROUTED_A, None), getattr(layer, spec.ROUTED_B, None), expert_ids, absmax,
-        )
+        adapters = (getattr(layer, spec.SHARED_A, None), getattr(layer, spec.SHARED_B, None),
+                    getattr(layer, spec.ROUTED_A, None), getattr(layer, spec.ROUTED_B, None), expert_ids, absmax)
+        if layer.qe_use_triton:
+            w = self.scheme.weight
+            y = ops.qe_linear_packed(
+                x2, layer.weight_packed, layer.weight_scale, getattr(layer, spec.WEIGHT_ZERO, None), w.bits,
+                w.group_size, bias, layer.qe_smooth, act.bits if act else 0, layer.qe_out_splits, *adapters)
+        else:
+            y = ops.qe_linear(x2, layer.qe_weight, bias, layer.qe_smooth, act.bits if act else 0,
+                              layer.qe_out_splits, *adapters)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

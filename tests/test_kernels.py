@@ -1,0 +1,94 @@
+"""Triton kernels under TRITON_INTERPRET=1 (CPU) or on CUDA, against the torch reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vllm_qe.format.packing import pack
+from vllm_qe.format.quantizer import compute_qparams, dequantize, quantize
+from vllm_qe.kernels import reference
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from vllm_qe.kernels.triton.gemm import qe_gemm  # noqa: E402
+from vllm_qe.kernels.triton.lora import align_tokens, lowrank_add_  # noqa: E402
+from vllm_qe.kernels.triton.qe_linear import qe_linear_packed  # noqa: E402
+
+
+def _quantized(n, k, bits, gs, sym, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qp = compute_qparams(w, bits, gs, sym)
+    q = quantize(w, qp)
+    zero = None if sym else qp.zero.to(torch.uint8)
+    return (pack(q, bits).to(DEVICE), qp.scale.half().to(DEVICE), None if zero is None else zero.to(DEVICE),
+            dequantize(q, qp.scale, qp.zero, gs).to(DEVICE))
+
+
+@pytest.mark.parametrize("bits, gs, sym", [(4, 32, False), (4, -1, True), (3, 32, False), (8, 64, True),
+                                           (2, 32, False)])
+@pytest.mark.parametrize("m, k", [(1, 64), (7, 96), (33, 100)])
+@pytest.mark.parametrize("act_bits", [0, 8, 6])
+def test_gemm_matches_reference(bits, gs, sym, m, k, act_bits):
+    if k % 32 and gs == 64:
+        pytest.skip("ragged K covered by the group-32 cases")
+    n = 48
+    packed, scale, zero, w_deq = _quantized(n, k, bits, gs, sym, seed=m + k)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(m, k, generator=g) * 2).to(DEVICE)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    got = qe_gemm(x, packed, scale, zero, bits, gs, smooth=smooth, act_bits=act_bits, block=(16, 32, 32))
+    want = reference.qe_linear(x, w_deq, act_bits=act_bits or None, smooth=smooth)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_align_tokens_groups_by_expert_with_padding():
+    ids = torch.tensor([2, 0, 2, 2, 0, 3])
+    sorted_ids, bexp = align_tokens(ids, num_experts=4, block_m=2)
+    # expert 0: tokens 1,4; expert 1: none; expert 2: 0,2,3 (+pad); expert 3: 5 (+pad)
+    assert bexp.tolist() == [0, 2, 2, 3]
+    assert sorted_ids.tolist() == [1, 4, 0, 2, 3, 6, 5, 6]
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_routed_lowrank_with_empty_experts(m):
+    g = torch.Generator().manual_seed(m)
+    k, n, r, e = 80, 56, 8, 6
+    x = torch.randn(m, k, generator=g).to(DEVICE)
+    a = torch.randn(e, r, k, generator=g).to(DEVICE)
+    b = torch.randn(e, n, r, generator=g).to(DEVICE)
+    ids = torch.randint(0, 3, (m,), generator=g).to(DEVICE)  # experts 3..5 get no tokens
+    y = torch.zeros(m, n, device=DEVICE)
+    lowrank_add_(y, x, a, b, ids)
+    torch.testing.assert_close(y, reference.routed_lowrank(x, a, b, ids), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_full_qe_linear_with_fused_modules(act_bits):
+    """Two fused modules (q/k style), shared + routed experts, bias, smoothing, ragged M."""
+    g = torch.Generator().manual_seed(3)
+    k, splits, m = 64, [32, 16], 9
+    parts = [_quantized(o, k, 4, 32, False, seed=i) for i, o in enumerate(splits)]
+    packed = torch.cat([p[0] for p in parts])
+    scale = torch.cat([p[1] for p in parts])
+    zero = torch.cat([p[2] for p in parts])
+    w_deq = torch.cat([p[3] for p in parts])
+    n, r, e = sum(splits), 4, 3
+    x = torch.randn(m, k, generator=g).to(DEVICE)
+    sa, sb = torch.randn(2 * r, k, generator=g).to(DEVICE), torch.randn(n, r, generator=g).to(DEVICE)
+    ra, rb = torch.randn(2 * e, r, k, generator=g).to(DEVICE), torch.randn(e, n, r, generator=g).to(DEVICE)
+    router = torch.rand(2 * e, k, generator=g).to(DEVICE)
+    ids = reference.route_grouped(reference.router_scores(x, router), 2)
+    bias = torch.randn(n, generator=g).to(DEVICE)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    got = qe_linear_packed(x, packed, scale, zero, 4, 32, bias, smooth, act_bits, splits, sa, sb, ra, rb, ids,
+                           block=(16, 32, 32))
+    want = reference.qe_linear(x, w_deq, bias, act_bits=act_bits or None, smooth=smooth, out_splits=splits,
+                               shared_a=sa, shared_b=sb, routed_a=ra, routed_b=rb, expert_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
