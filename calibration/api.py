@@ -33,6 +33,7 @@ class CalibrationConfig:
     quantize_language: bool = True
     ignore: list[str] = field(default_factory=list)
     propagate: str = "quantized"
+    token_importance: str | None = None  # TLQ: None | "gradnorm" | "first_order"
     method_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,8 +98,13 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
             return (s["input_ids"] == img_tok).reshape(-1)
         return torch.ones(1, dtype=torch.bool)
 
+    grads = None
+    if config.token_importance or getattr(algo, "needs_gradients", False):
+        grads = _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of)
     driver = LayerwiseDriver(model, algo, scheme_of, propagate=config.propagate, seed=config.seed,
-                             progress=progress)
+                             progress=progress,
+                             token_weights=grads.token_weight if grads and config.token_importance else None,
+                             unit_ratio=grads.vision_text_ratio if grads else None)
     results = driver.run(chains, samples, masks_of)
 
     qcfg.quantized_modules = sorted(disk[n] for n in results)
@@ -111,6 +117,53 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
               "layer_rel_error": driver.report.layers, "blocks": driver.report.blocks}
     return ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
                                  source_dir=model_dir, report=report, overwrite=overwrite)
+
+
+def _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of):
+    """One backward pass over the calibration set (TLQ token importance, MBQ/VEQ modality ratios)."""
+    from vllm_qe.calibration.gradients import collect_gradients
+
+    starts = []
+    for r in ds:
+        starts.append(build_inputs(processor, r["image"], r["question"])["input_ids"].shape[1] if r["answer"] else None)
+    masks = [{"language": (s["input_ids"] == img_tok).reshape(-1)} for s in samples]
+    perturbed = None
+    mode = config.token_importance or "gradnorm"
+    if mode == "first_order":
+        perturbed = _rtn_unit_outputs(model, chains, samples, scheme_of)
+    return collect_gradients(model, chains, samples, masks, img_tok, starts, mode=mode, perturbed=perturbed)
+
+
+@torch.no_grad()
+def _rtn_unit_outputs(model, chains, samples, scheme_of) -> dict[str, list[torch.Tensor]]:
+    """Block outputs of an RTN-quantized copy of the model (ĥ for the first-order token importance)."""
+    import copy
+
+    from vllm_qe.calibration.algorithms.rtn import rtn_quantize
+    from vllm_qe.calibration.fakequant import FakeQuantLinear
+
+    qm = copy.deepcopy(model)
+    for name, mod in list(qm.named_modules()):
+        scheme = scheme_of(name) if isinstance(mod, torch.nn.Linear) else None
+        if scheme is not None:
+            parent, _, child = name.rpartition(".")
+            act = scheme.activation.bits if scheme.activation else None
+            setattr(qm.get_submodule(parent), child,
+                    FakeQuantLinear(rtn_quantize(mod.weight.detach(), scheme.weight), mod.bias, act))
+    outs: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for c in chains:
+        for name, _ in c.units:
+            def hook(m, a, o, name=name):
+                outs.setdefault(name, []).append((o[0] if isinstance(o, (tuple, list)) else o).detach())
+            hooks.append(qm.get_submodule(name).register_forward_hook(hook))
+    try:
+        for s in samples:
+            qm(**s)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
 
 
 def _matches(pattern: str, name: str) -> bool:

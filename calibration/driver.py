@@ -81,6 +81,8 @@ class LayerwiseDriver:
         propagate: str = "quantized",
         seed: int = 0,
         progress: bool = True,
+        token_weights: dict[str, list[torch.Tensor]] | None = None,
+        unit_ratio: dict[str, float] | None = None,
     ) -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
@@ -90,6 +92,8 @@ class LayerwiseDriver:
         self.propagate = propagate
         self.seed = seed
         self.progress = progress
+        self.token_weights = token_weights or {}
+        self.unit_ratio = unit_ratio or {}
         self.results: dict[str, QuantizedLinear] = {}
         self.report = DriverReport()
 
@@ -132,7 +136,8 @@ class LayerwiseDriver:
         return out
 
     @torch.no_grad()
-    def _run_unit(self, unit, calls, hiddens, masks, stats=None, linears=None, ptrs=None) -> list[torch.Tensor]:
+    def _run_unit(self, unit, calls, hiddens, masks, stats=None, linears=None, ptrs=None,
+                  weights=None) -> list[torch.Tensor]:
         hooks = []
         current: dict[str, Any] = {}
         if stats is not None:
@@ -143,14 +148,16 @@ class LayerwiseDriver:
                     mask = current["mask"]
                     if mask.numel() != t.shape[0]:
                         mask = torch.full((t.shape[0],), bool(mask.all()))
-                    stats[sub].update(t, mask)
+                    w = current.get("weight")
+                    stats[sub].update(t, mask, w if w is not None and w.numel() == t.shape[0] else None)
                     if ptrs is not None and sub not in ptrs:
                         ptrs[sub] = (x.data_ptr(), tuple(x.shape))
                 hooks.append(mod.register_forward_pre_hook(hook))
         outs = []
         try:
-            for (args, kwargs), h, m in zip(calls, hiddens, masks):
+            for i, ((args, kwargs), h, m) in enumerate(zip(calls, hiddens, masks)):
                 current["mask"] = m
+                current["weight"] = None if weights is None else weights[i]
                 a, k = _with_hidden(args, kwargs, h)
                 outs.append(_first(unit(*a, **k)).detach())
         finally:
@@ -170,8 +177,10 @@ class LayerwiseDriver:
             stats[sub] = InputStats(mod.in_features, gram=bool(req and req.gram),
                                     max_tokens=max(REPORT_TOKENS, req.max_tokens if req else 0), seed=self.seed,
                                     topk=topk, channel_score=mod.weight.detach().float().abs().mean(0) if topk else None)
+            stats[sub].modality_ratio = self.unit_ratio.get(unit_name)
         ptrs: dict[str, tuple] = {}
-        fp_out = self._run_unit(unit, calls, hiddens, masks, stats, linears, ptrs)
+        fp_out = self._run_unit(unit, calls, hiddens, masks, stats, linears, ptrs,
+                                self.token_weights.get(unit_name))
         groups: dict[tuple, list[str]] = {}
         for sub in linears:
             groups.setdefault(ptrs.get(sub, (sub,)), []).append(sub)

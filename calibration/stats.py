@@ -34,6 +34,7 @@ class InputStats:
     pick_vision: torch.Tensor | None = None  # [in] float64 pick counts over vision tokens
     pick_text: torch.Tensor | None = None  # [in] float64 pick counts over text tokens
     cooc: torch.Tensor | None = None  # [in, in] float64 co-occurrence counts of important channels
+    modality_ratio: float | None = None  # MBQ: g_vision / g_text of the block this layer sits in
     _seen: int = field(default=0, repr=False)
 
     def update(self, x: torch.Tensor, vision: torch.Tensor, weight: torch.Tensor | None = None) -> None:

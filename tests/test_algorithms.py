@@ -162,3 +162,46 @@ def test_every_method_quantizes_a_fused_group(method):
         assert rel < 0.2
     if algo.uses_smoothing(True):
         assert torch.equal(res["l0"].smooth, res["l1"].smooth)  # one input, one smoothing vector
+
+
+def test_token_weighted_hessian_protects_the_important_tokens():
+    """TLQ: GPTQ on a token-weighted Hessian lowers the error of the heavily weighted tokens."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(1500, 64, generator=g) @ torch.randn(64, 64, generator=g)  # important tokens
+    b = torch.randn(1500, 64, generator=g) * torch.linspace(0.1, 3, 64)  # the rest, other statistics
+    x = torch.cat([a, b])
+    w = torch.randn(32, 64, generator=g) * 0.05
+    weight = torch.cat([torch.full((1500,), 20.0), torch.ones(1500)])
+    plain, weighted = InputStats(64, gram=True), InputStats(64, gram=True)
+    plain.update(x, torch.zeros(3000, dtype=torch.bool))
+    weighted.update(x, torch.zeros(3000, dtype=torch.bool), weight)
+    scheme = WeightScheme(3, 32, False)
+    def err_on_a(q):
+        return float((a @ (w - dequantize(q.qweight, q.scale, q.zero, 32)).t()).norm())
+    assert err_on_a(gptq_quantize(w, weighted.hessian(), scheme)) < 0.9 * err_on_a(gptq_quantize(w, plain.hessian(), scheme))
+
+
+def test_gradient_pass_gives_token_weights_and_modality_ratios(tiny_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vllm_qe.calibration.data import build_inputs
+    from vllm_qe.calibration.fixtures.vqa import generate
+    from vllm_qe.calibration.gradients import collect_gradients
+    from vllm_qe.calibration.model_structure import get_chains, image_token_id
+
+    d = tiny_dir("qwen2_vl")
+    model = AutoModelForImageTextToText.from_pretrained(str(d), dtype=torch.float32)
+    proc = AutoProcessor.from_pretrained(str(d))
+    smp = generate(3, 0, "calib")
+    samples = [build_inputs(proc, s.image, s.question, s.answer) for s in smp]
+    starts = [build_inputs(proc, s.image, s.question)["input_ids"].shape[1] for s in smp]
+    img = image_token_id(model.config)
+    masks = [{"language": (s["input_ids"] == img).reshape(-1)} for s in samples]
+    chains = get_chains(model, "qwen2_vl")
+    gs = collect_gradients(model, chains, samples, masks, img, starts)
+    lm = "model.language_model.layers.0"
+    assert len(gs.token_weight[lm]) == 3 and gs.token_weight[lm][0].numel() == samples[0]["input_ids"].shape[1]
+    assert abs(float(gs.token_weight[lm][0].mean()) - 1) < 1e-4
+    assert "model.visual.blocks.0" in gs.token_weight  # gradients reach the vision tower
+    assert set(gs.vision_text_ratio) == {f"model.language_model.layers.{i}" for i in range(4)}
+    assert gs.gamma > 0 and all(p.grad is None for p in model.parameters())

@@ -92,3 +92,16 @@ def test_full_qe_linear_with_fused_modules(act_bits):
     want = reference.qe_linear(x, w_deq, bias, act_bits=act_bits or None, smooth=smooth, out_splits=splits,
                                shared_a=sa, shared_b=sb, routed_a=ra, routed_b=rb, expert_ids=ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
+
+
+def test_bench_script_smoke(capsys):
+    """The benchmark's table code runs (figures on CPU/interpreter are meaningless and never quoted)."""
+    os.environ["VLLM_QE_FORCE_TRITON"] = "1"
+    try:
+        from vllm_qe.kernels import bench
+
+        assert bench.main(["--smoke"]) == 0
+    finally:
+        os.environ.pop("VLLM_QE_FORCE_TRITON")
+    out = capsys.readouterr().out
+    assert out.count("| smoke | tiny | 64x256 |") == 2

@@ -74,6 +74,7 @@ class MBQ(AWQ):
 
     name = "mbq"
     loss = "l1"
+    needs_gradients = True
 
     def token_weights(self, targets):
         x, vis, w = _group_sample(targets)

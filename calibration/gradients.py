@@ -1,0 +1,115 @@
+"""Gradient statistics from one backward pass of the full-precision model over the calibration set.
+
+- per-token importance (TLQ [I]): `‖∂L/∂h_t‖` of each block's output (`"gradnorm"`, default), or the first-order
+  loss change `|∂L/∂h_t · (ĥ_t − h_t)|` with `ĥ` the block output of an RTN-quantized model (`"first_order"`);
+- the modality gradient ratio of each block (MBQ: mean |∂L/∂h| over vision tokens / over text tokens) and the
+  model-wide text/vision gradient ratio γ (VEQ).
+L is the next-token loss on the answer tokens (all text tokens when a sample has no answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_qe.calibration.model_structure import Chain
+
+
+@dataclass
+class GradientStats:
+    token_weight: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # unit -> per sample [T], mean 1
+    vision_text_ratio: dict[str, float] = field(default_factory=dict)  # unit -> g_vis / g_text (language blocks)
+    gamma: float = 1.0  # VEQ: mean |g| over text tokens / over vision tokens (language model)
+
+
+def _labels(sample: dict[str, torch.Tensor], image_token: int, answer_start: int | None) -> torch.Tensor:
+    ids = sample["input_ids"]
+    labels = ids.clone()
+    labels[ids == image_token] = -100
+    if answer_start is not None:
+        labels[:, :answer_start] = -100
+    return labels
+
+
+def collect_gradients(model: torch.nn.Module, chains: list[Chain], samples: list[dict[str, torch.Tensor]],
+                      masks: list[dict[str, torch.Tensor]], image_token: int, answer_starts: list[int | None],
+                      mode: str = "gradnorm", perturbed: dict[str, list[torch.Tensor]] | None = None
+                      ) -> GradientStats:
+    """One forward+backward per sample; `masks[i][tower]` is the vision mask of the tower's tokens.
+
+    `perturbed` (first_order mode): unit -> per-sample block outputs of the quantized model."""
+    if mode not in ("gradnorm", "first_order"):
+        raise ValueError(f"token importance mode must be 'gradnorm' or 'first_order', got {mode!r}")
+    units = [(c.tower, name, mod) for c in chains for name, mod in c.units]
+    out = GradientStats()
+    vis_sum: dict[str, float] = {}
+    txt_sum: dict[str, float] = {}
+    vis_n: dict[str, int] = {}
+    txt_n: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for i, s in enumerate(samples):
+            captured: dict[str, torch.Tensor] = {}
+            hooks = []
+            for _, name, mod in units:
+                def hook(m, args, output, name=name, captured=captured):
+                    h = output[0] if isinstance(output, (tuple, list)) else output
+                    if h.requires_grad:
+                        h.retain_grad()
+                        captured[name] = h
+                hooks.append(mod.register_forward_hook(hook))
+            try:
+                with torch.enable_grad():
+                    # Gradients flow from the inputs only (token embeddings, pixels): no parameter gradients kept.
+                    emb = model.get_input_embeddings()
+                    emb.weight.requires_grad_(True)
+                    inputs = dict(s)
+                    if "pixel_values" in inputs:
+                        inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
+                    loss = model(**inputs, labels=_labels(s, image_token, answer_starts[i])).loss
+                    loss.backward()
+                    emb.weight.requires_grad_(False)
+                    emb.weight.grad = None
+            finally:
+                for h in hooks:
+                    h.remove()
+            for tower, name, _ in units:
+                h = captured.get(name)
+                if h is None or h.grad is None:
+                    continue
+                g = h.grad.detach().reshape(-1, h.shape[-1])
+                if mode == "first_order" and perturbed is not None:
+                    d = perturbed[name][i].reshape(-1, h.shape[-1]) - h.detach().reshape(-1, h.shape[-1])
+                    w = (g * d).sum(-1).abs()
+                else:
+                    w = g.norm(dim=-1)
+                out.token_weight.setdefault(name, []).append((w / w.mean().clamp(min=1e-20)).float())
+                if tower == "language":
+                    vm = masks[i]["language"].reshape(-1)
+                    gn = g.abs().mean(-1)
+                    vis_sum[name] = vis_sum.get(name, 0.0) + float(gn[vm].sum())
+                    txt_sum[name] = txt_sum.get(name, 0.0) + float(gn[~vm].sum())
+                    vis_n[name] = vis_n.get(name, 0) + int(vm.sum())
+                    txt_n[name] = txt_n.get(name, 0) + int((~vm).sum())
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    for name in vis_sum:
+        gv = vis_sum[name] / max(vis_n[name], 1)
+        gt = txt_sum[name] / max(txt_n[name], 1)
+        out.vision_text_ratio[name] = gv / max(gt, 1e-30)
+    if out.vision_text_ratio:
+        ratios = sorted(out.vision_text_ratio.values())
+        med = ratios[len(ratios) // 2]
+        # MBQ: each layer's ratio, floored at the median over layers.
+        out.vision_text_ratio = {k: max(v, med) for k, v in out.vision_text_ratio.items()}
+        tv = sum(vis_sum.values()) / max(sum(vis_n.values()), 1)
+        tt = sum(txt_sum.values()) / max(sum(txt_n.values()), 1)
+        out.gamma = tt / max(tv, 1e-30)
+    return out

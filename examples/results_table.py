@@ -1,0 +1,169 @@
+"""The accuracy table: every method x {W4A16, W3A16, W4A8, W4A6, W8A8} on the trained VQA model.
+
+    python examples/results_table.py [--model runs/vqa-qwen2vl] [--eval-samples 500] [--calib-samples 64]
+
+Trains the model first if it is missing (examples/train_vqa.py). Writes docs/results.json, docs/results.md,
+docs/results.png and the table between the RESULTS markers of README.md. Calibration data: the generated VQA
+"calib" split (seed 0); evaluation: the held-out "test" split (seed 7, digit images disjoint from training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (method, params); adapters: per-token rank 8 for LQER and QE (QE: 4 shared + 4 routed of 4 experts).
+METHODS: dict[str, tuple[str, dict]] = {
+    "RTN": ("rtn", {}),
+    "SmoothQuant": ("smoothquant", {}),
+    "AWQ": ("awq", {}),
+    "GPTQ": ("gptq", {}),
+    "MBQ": ("mbq", {}),
+    "LQER (r=8)": ("lqer", {"rank": 8}),
+    "QE (r=4+4)": ("qe", {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4}),
+    "QE+GPTQ (r=4+4)": ("qe", {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4, "base": "gptq"}),
+}
+# setting -> (wbits, abits, group_size, symmetric). Weight-only: group-wise asymmetric (group 32 on this
+# 128-wide model); W+A: per-channel symmetric weights, per-token symmetric activations (MBQ's convention).
+SETTINGS: dict[str, tuple[int, int | None, int, bool]] = {
+    "W4A16": (4, None, 32, False),
+    "W3A16": (3, None, 32, False),
+    "W4A8": (4, 8, -1, True),
+    "W4A6": (4, 6, -1, True),
+    "W8A8": (8, 8, -1, True),
+}
+
+
+def adapter_cost(ckpt: Path) -> tuple[float, float]:
+    """(extra bytes %, extra FLOPs per token %) of the adapters + router over the low-bit linear layers."""
+    from vllm_qe.format.checkpoint import inspect_checkpoint
+
+    s = inspect_checkpoint(ckpt)
+    a = s.config.adapters
+    base_flops = extra_flops = 0
+    for out_f, in_f in s.modules.values():
+        base_flops += 2 * out_f * in_f
+        extra_flops += 2 * a.shared_rank * (in_f + out_f)
+        if a.num_routed:
+            extra_flops += 2 * a.routed_rank * (in_f + out_f) + 2 * a.num_routed * in_f
+    return 100 * s.adapter_bytes / max(s.quantized_bytes, 1), 100 * extra_flops / base_flops
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=str(ROOT / "runs" / "vqa-qwen2vl"))
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    p.add_argument("--work", default=str(ROOT / "runs" / "results"))
+    a = p.parse_args()
+
+    from vllm_qe.calibration.api import CalibrationConfig, calibrate
+    from vllm_qe.calibration.evaluate import evaluate_dirs
+    from vllm_qe.calibration.fixtures.train_vqa import train_vqa_model
+
+    model = Path(a.model)
+    if not (model / "config.json").exists():
+        print(f"training the VQA model into {model} ...", flush=True)
+        train_vqa_model(model)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = ROOT / "docs" / "results.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results["meta"] = {"model": model.name, "eval_samples": a.eval_samples, "calib_samples": a.calib_samples,
+                       "training": json.loads((model / "training_log.json").read_text())["steps"]}
+    fp = evaluate_dirs(model, None, n=a.eval_samples)
+    results["FP32"] = {"-": {"accuracy": fp.accuracy, "kl": 0.0, "top1": 1.0, "by_kind": fp.accuracy_by_kind}}
+    print(f"FP32 accuracy {fp.accuracy:.3f}", flush=True)
+    for setting in a.settings:
+        wbits, abits, gs, sym = SETTINGS[setting]
+        for name in a.methods:
+            method, params = METHODS[name]
+            if method == "smoothquant" and abits is None:
+                continue  # SmoothQuant is for activation-quantized settings
+            ckpt = work / f"{method}-{setting}-{abs(hash(json.dumps(params, sort_keys=True))) % 10**6}"
+            t0 = time.time()
+            calibrate(model, ckpt, CalibrationConfig(method=method, wbits=wbits, abits=abits, group_size=gs,
+                                                     symmetric=sym, num_samples=a.calib_samples,
+                                                     method_params=params), overwrite=True, progress=False)
+            secs = time.time() - t0
+            r = evaluate_dirs(model, ckpt, n=a.eval_samples)
+            snr = sorted(r.layer_snr_db.values())
+            extra_bytes, extra_flops = adapter_cost(ckpt)
+            results.setdefault(name, {})[setting] = {
+                "accuracy": r.accuracy, "kl": r.kl, "top1": r.top1, "by_kind": r.accuracy_by_kind,
+                "median_layer_snr_db": snr[len(snr) // 2], "calib_seconds": round(secs, 1),
+                "adapter_bytes_pct": extra_bytes, "adapter_flops_pct": extra_flops,
+            }
+            print(f"{setting:6s} {name:18s} acc {r.accuracy:.3f}  KL {r.kl:.4f}  top1 {r.top1:.3f}  "
+                  f"SNR {snr[len(snr) // 2]:.1f} dB  ({secs:.0f} s)", flush=True)
+            out_json.write_text(json.dumps(results, indent=1))
+            shutil.rmtree(ckpt, ignore_errors=True)
+    write_reports(results)
+    return 0
+
+
+def write_reports(results: dict) -> None:
+    settings = [s for s in SETTINGS if any(s in v for k, v in results.items() if k not in ("meta", "FP32"))]
+    methods = [m for m in METHODS if m in results]
+    meta = results["meta"]
+    fp = results["FP32"]["-"]
+    head = "| method | " + " | ".join(settings) + " | adapter bytes / FLOPs |"
+    lines = [
+        f"VQA exact-match accuracy (top-1 agreement with FP32; next-token KL in nats) on {meta['eval_samples']} "
+        f"held-out questions; {meta['calib_samples']} calibration samples. Model: tiny Qwen2-VL trained here "
+        f"({meta['training']} steps). Regenerate: `python examples/results_table.py`.",
+        "",
+        head,
+        "|" + "---|" * (len(settings) + 2),
+        "| FP32 | " + " | ".join(f"{fp['accuracy']:.3f}" for _ in settings) + " | - |",
+    ]
+    for m in methods:
+        cells = []
+        cost = "-"
+        for s in settings:
+            r = results[m].get(s)
+            if r is None:
+                cells.append("n/a")
+                continue
+            cells.append(f"{r['accuracy']:.3f} ({r['top1']:.3f}; {r['kl']:.3f})")
+            if r["adapter_bytes_pct"] > 0:
+                cost = f"+{r['adapter_bytes_pct']:.0f}% / +{r['adapter_flops_pct']:.0f}%"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
+    table = "\n".join(lines)
+    (ROOT / "docs" / "results.md").write_text("# Results\n\n" + table + "\n")
+    readme = ROOT / "README.md"
+    if readme.exists():
+        text = readme.read_text()
+        new = re.sub(r"(<!-- RESULTS:BEGIN -->\n).*?(\n<!-- RESULTS:END -->)", lambda mt: mt.group(1) + table +
+                     mt.group(2), text, flags=re.S)
+        readme.write_text(new)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for m in methods:
+            xs = [s for s in settings if s in results[m]]
+            ax.plot(xs, [results[m][s]["accuracy"] for s in xs], marker="o", label=m)
+        ax.axhline(fp["accuracy"], color="black", linestyle="--", label="FP32")
+        ax.set_ylabel("VQA accuracy")
+        ax.set_title("Accuracy vs setting (tiny Qwen2-VL trained on the generated VQA task)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "results.png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
