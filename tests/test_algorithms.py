@@ -167,18 +167,20 @@ def test_every_method_quantizes_a_fused_group(method):
 def test_token_weighted_hessian_protects_the_important_tokens():
     """TLQ: GPTQ on a token-weighted Hessian lowers the error of the heavily weighted tokens."""
     g = torch.Generator().manual_seed(6)
-    a = torch.randn(1500, 64, generator=g) @ torch.randn(64, 64, generator=g)  # important tokens
-    b = torch.randn(1500, 64, generator=g) * torch.linspace(0.1, 3, 64)  # the rest, other statistics
+    # important tokens: small and correlated, so an unweighted Hessian is dominated by the rest
+    a = (torch.randn(1500, 64, generator=g) @ torch.randn(64, 64, generator=g)) * 0.05
+    b = torch.randn(1500, 64, generator=g) * torch.linspace(0.1, 3, 64)
     x = torch.cat([a, b])
     w = torch.randn(32, 64, generator=g) * 0.05
-    weight = torch.cat([torch.full((1500,), 20.0), torch.ones(1500)])
+    weight = torch.cat([torch.full((1500,), 100.0), torch.ones(1500)])
     plain, weighted = InputStats(64, gram=True), InputStats(64, gram=True)
     plain.update(x, torch.zeros(3000, dtype=torch.bool))
     weighted.update(x, torch.zeros(3000, dtype=torch.bool), weight)
     scheme = WeightScheme(3, 32, False)
     def err_on_a(q):
         return float((a @ (w - dequantize(q.qweight, q.scale, q.zero, 32)).t()).norm())
-    assert err_on_a(gptq_quantize(w, weighted.hessian(), scheme)) < 0.9 * err_on_a(gptq_quantize(w, plain.hessian(), scheme))
+    assert err_on_a(gptq_quantize(w, weighted.hessian(), scheme)) < 0.85 * err_on_a(gptq_quantize(w, plain.hessian(),
+                                                                                              scheme))
 
 
 def test_gradient_pass_gives_token_weights_and_modality_ratios(tiny_dir):
