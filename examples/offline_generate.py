@@ -1,0 +1,28 @@
+"""Offline `LLM.generate` on a vllm-qe checkpoint: a batch of image questions.
+
+    python examples/offline_generate.py CKPT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    from vllm_qe.calibration.fixtures.vqa import make_sample
+    from vllm_qe.serving import engine_kwargs
+
+    ckpt = sys.argv[1]
+    llm = LLM(**engine_kwargs(ckpt))
+    samples = [make_sample(2026, i, "test") for i in range(5)]
+    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": s.image},
+                                              {"type": "text", "text": s.question}]}] for s in samples]
+    outs = llm.chat(messages, SamplingParams(max_tokens=8, temperature=0))
+    for s, o in zip(samples, outs):
+        print(f"{s.question:30s} expected {s.answer!r:10s} got {o.outputs[0].text!r}")
+
+
+if __name__ == "__main__":  # vLLM spawns workers that re-import __main__
+    main()
