@@ -88,3 +88,27 @@ def qe_linear(
 def route_grouped(scores: torch.Tensor, n_groups: int) -> torch.Tensor:
     """`scores` `[T, n*E]` (router scores of `n` fused modules) -> expert ids `[T, n]` (argmin within each module)."""
     return scores.reshape(scores.shape[0], n_groups, -1).argmin(dim=-1)
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    adapters13: tuple[torch.Tensor, torch.Tensor] | None = None,
+    adapters2: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SwiGLU MoE with dequantized expert weights: `w13` `[E, 2I, H]` (gate rows first), `w2` `[E, H, I]`,
+    per-expert adapters (A `[E, r, in]`, B `[E, out, r]`); `y[t] = Σ_j w_tj · expert_{e_tj}(x_t)`."""
+    T, k = topk_ids.shape
+    y = torch.zeros(T, w2.shape[1], dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in torch.unique(topk_ids).tolist():
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        h = xf[tok] @ w13[e].float().t()
+        if adapters13 is not None:
+            h = h + (xf[tok] @ adapters13[0][e].float().t()) @ adapters13[1][e].float().t()
+        inter = h.shape[1] // 2
+        a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()
+        o = a @ w2[e].float().t()
+        if adapters2 is not None:
+            o = o + (a @ adapters2[0][e].float().t()) @ adapters2[1][e].float().t()
+        y.index_add_(0, tok, o * topk_weights[tok, slot].float()[:, None])
+    return y.to(x.dtype)

@@ -105,3 +105,33 @@ def test_bench_script_smoke(capsys):
         os.environ.pop("VLLM_QE_FORCE_TRITON")
     out = capsys.readouterr().out
     assert out.count("| smoke | tiny | 64x256 |") == 2
+
+
+def _expert_weights(e, n, k, bits, gs, seed):
+    parts = [_quantized(n, k, bits, gs, False, seed=seed + i) for i in range(e)]
+    return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts]),
+            torch.stack([p[3] for p in parts]))
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("t, topk", [(1, 2), (9, 2), (20, 1)])
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_fused_moe_matches_reference(bits, t, topk, with_adapters):
+    from vllm_qe.kernels.triton.moe import fused_moe_qe
+
+    e, h, inter, r = 6, 64, 48, 4
+    g = torch.Generator().manual_seed(t * 10 + topk)
+    w13 = _expert_weights(e, 2 * inter, h, bits, 32, seed=100)
+    w2 = _expert_weights(e, h, inter, bits, 16, seed=200)
+    x = torch.randn(t, h, generator=g).to(DEVICE)
+    # only experts 0..3 are ever chosen: 4 and 5 have no tokens
+    ids = torch.stack([torch.randperm(4, generator=g)[:topk] for _ in range(t)]).to(DEVICE)
+    wts = torch.softmax(torch.randn(t, topk, generator=g), -1).to(DEVICE)
+    ad13 = ad2 = None
+    if with_adapters:
+        ad13 = (torch.randn(e, r, h, generator=g).to(DEVICE) * 0.1, torch.randn(e, 2 * inter, r, generator=g).to(DEVICE) * 0.1)
+        ad2 = (torch.randn(e, r, inter, generator=g).to(DEVICE) * 0.1, torch.randn(e, h, r, generator=g).to(DEVICE) * 0.1)
+    got = fused_moe_qe(x, w13[:3], w2[:3], bits, (32, 16), ids, wts, ad13, ad2)
+    want = reference.fused_moe(x, w13[3], w2[3], ids, wts, ad13, ad2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
