@@ -51,3 +51,20 @@ def test_vllm_rejects_missing_tensor_with_its_name(quantized_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="unsupported format_version 99"):
         run_vllm(bad, make_requests(bad, tmp_path, n=1), tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize("method, cfg", [
+    ("rtn", dict(wbits=4, abits=8, group_size=16)),
+    ("qe", dict(wbits=4, abits=6, group_size=16, method_params=QE_SMALL)),
+])
+def test_tensor_parallel_2_gives_the_same_greedy_tokens(method, cfg, quantized_dir, tmp_path):
+    """TP=2 (two CPU workers, gloo) vs TP=1: row-parallel layers all-reduce router scores and activation scales.
+    (group 16: the fixture's MLP width 352 splits into 2 x 176 = 11 groups of 16 per rank.)"""
+    ckpt = quantized_dir("qwen2_vl", method, **cfg)
+    reqs = make_requests(ckpt, tmp_path)
+    tp1 = run_vllm(ckpt, reqs, tmp_path, tp=1)
+    tp2 = run_vllm(ckpt, reqs, tmp_path, tp=2)
+    assert [r["token_ids"] for r in tp1] == [r["token_ids"] for r in tp2]
+    worst = max(abs(a[t] - b[t]) for r1, r2 in zip(tp1, tp2) for a, b in zip(r1["logprobs"], r2["logprobs"])
+                for t in a if t in b)
+    assert worst < LOGPROB_ATOL

@@ -53,7 +53,8 @@ def npmi_affinity(cooc: torch.Tensor, n_tokens: int) -> torch.Tensor:
     npmi = torch.where(pij > 0, npmi, torch.full_like(npmi, -1.0))
     npmi = torch.where(pij >= 1.0, torch.ones_like(npmi), npmi)  # always co-occurring: -log p = 0
     npmi.fill_diagonal_(1.0)
-    return ((npmi.clamp(-1, 1) + 1) / 2).float()
+    # A small floor keeps the affinity graph connected (spectral clustering warns and degrades otherwise) [I].
+    return ((npmi.clamp(-1, 1) + 1) / 2).clamp(min=1e-3).float()
 
 
 def cluster_channels(affinity: torch.Tensor, n_clusters: int, seed: int = 0) -> np.ndarray:
