@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from vllm_qe.calibration import algorithms
 from vllm_qe.calibration.data import BUILTIN, build_inputs, load_calibration_set
-from vllm_qe.calibration.driver import LayerwiseDriver
+from vllm_qe.calibration.driver import CalibrationState, LayerwiseDriver
 from vllm_qe.calibration.model_structure import Chain, get_chains, image_token_id
 from vllm_qe.format import checkpoint as ckpt
 from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, QEConfig, WeightScheme
@@ -48,9 +50,27 @@ def load_model(model_dir: str | Path):
     return model.eval()
 
 
+def _init_distributed() -> tuple[int, int]:
+    """Join the torch.distributed group that `torchrun` describes (gloo on CPU, NCCL on GPUs); (rank, world)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationConfig | None = None,
-              *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Quantize the HF VLM in `model_dir` and write a vllm-qe checkpoint to `out_dir` (atomically)."""
+              *, overwrite: bool = False, progress: bool = True, resume: bool = True) -> Path:
+    """Quantize the HF VLM in `model_dir` and write a vllm-qe checkpoint to `out_dir` (atomically).
+
+    Under `torchrun` the calibration samples are sharded across ranks, statistics are all-reduced and each
+    block's layers are split across ranks; rank 0 writes. Progress is kept in `OUT.partial/` after every block:
+    a killed run started again with the same settings resumes there (`resume=False` starts over)."""
     from transformers import AutoProcessor
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -89,7 +109,10 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
             return None
         return qcfg.module_scheme(disk[name])
 
+    rank, world = _init_distributed()
     ds = load_calibration_set(config.calib, config.num_samples, config.seed)
+    if world > 1:
+        ds = ds.select(range(rank, len(ds), world))
     samples = [build_inputs(processor, r["image"], r["question"], r["answer"] or None) for r in ds]
     img_tok = image_token_id(model.config)
 
@@ -102,10 +125,20 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     if config.token_importance or getattr(algo, "needs_gradients", False):
         grads = _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of)
     driver = LayerwiseDriver(model, algo, scheme_of, propagate=config.propagate, seed=config.seed,
-                             progress=progress,
+                             progress=progress and rank == 0,
                              token_weights=grads.token_weight if grads and config.token_importance else None,
                              unit_ratio=grads.vision_text_ratio if grads else None)
-    results = driver.run(chains, samples, masks_of)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if not resume and rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    fingerprint = {"model_dir": str(Path(model_dir).resolve()), "config": asdict(config), "world": world}
+    state = CalibrationState(partial, json.loads(json.dumps(fingerprint)), lambda n: scheme_of(n))
+    results = driver.run(chains, samples, masks_of, state)
+    if rank != 0:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 writes the checkpoint
+        return out_dir
 
     qcfg.quantized_modules = sorted(disk[n] for n in results)
     qcfg.ignore = sorted(disk[n] for n in all_linears if n not in results)
@@ -114,9 +147,17 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
         tensors.update(q.to_tensors(disk[n]))
     model_cfg.pop("quantization_config", None)
     report = {"config": asdict(config), "seconds": round(time.time() - t0, 2), "num_samples": len(samples),
-              "layer_rel_error": driver.report.layers, "blocks": driver.report.blocks}
-    return ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
-                                 source_dir=model_dir, report=report, overwrite=overwrite)
+              "layer_rel_error": driver.report.layers, "blocks": driver.report.blocks,
+              "input_groups": driver.report.groups}
+    report["world_size"] = world
+    out = ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
+                                source_dir=model_dir, report=report, overwrite=overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out
 
 
 def _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of):
@@ -131,7 +172,18 @@ def _gradient_stats(model, chains, ds, processor, samples, img_tok, config, sche
     mode = config.token_importance or "gradnorm"
     if mode == "first_order":
         perturbed = _rtn_unit_outputs(model, chains, samples, scheme_of)
-    return collect_gradients(model, chains, samples, masks, img_tok, starts, mode=mode, perturbed=perturbed)
+    gs = collect_gradients(model, chains, samples, masks, img_tok, starts, mode=mode, perturbed=perturbed)
+    _, world = _init_distributed()
+    if world > 1 and gs.vision_text_ratio:
+        import torch.distributed as dist
+
+        names = sorted(gs.vision_text_ratio)
+        t = torch.tensor([gs.vision_text_ratio[n] for n in names] + [gs.gamma], dtype=torch.float64)
+        dist.all_reduce(t)
+        t /= world  # ranks see different samples: average their ratios
+        gs.vision_text_ratio = dict(zip(names, t[:-1].tolist()))
+        gs.gamma = float(t[-1])
+    return gs
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
         propagate=a.propagate, token_importance=a.token_importance, method_params=params,
     )
-    out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
+    out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, resume=not a.no_resume)
     print(f"wrote {out}")
     return 0
 
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--token-importance", choices=["gradnorm", "first_order"], default=None,
                    help="TLQ: weight calibration tokens by gradient-based importance")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--no-resume", action="store_true", help="ignore progress saved by an interrupted run")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=_cmd_calibrate)
 

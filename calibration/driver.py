@@ -49,6 +49,7 @@ class LayerResult:
 class DriverReport:
     layers: dict[str, float] = field(default_factory=dict)
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)  # linears found to read one input tensor
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -139,6 +140,7 @@ class LayerwiseDriver:
     def _run_unit(self, unit, calls, hiddens, masks, stats=None, linears=None, ptrs=None,
                   weights=None) -> list[torch.Tensor]:
         hooks = []
+        keep: list[torch.Tensor] = []
         current: dict[str, Any] = {}
         if stats is not None:
             for sub, (mod, _) in linears.items():
@@ -151,7 +153,10 @@ class LayerwiseDriver:
                     w = current.get("weight")
                     stats[sub].update(t, mask, w if w is not None and w.numel() == t.shape[0] else None)
                     if ptrs is not None and sub not in ptrs:
-                        ptrs[sub] = (x.data_ptr(), tuple(x.shape))
+                        # Keep the tensor alive so its memory cannot be reused by a later input of another
+                        # layer (identity by address alone grouped o_proj with gate/up).
+                        keep.append(x)
+                        ptrs[sub] = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                 hooks.append(mod.register_forward_pre_hook(hook))
         outs = []
         try:
@@ -181,44 +186,186 @@ class LayerwiseDriver:
         ptrs: dict[str, tuple] = {}
         fp_out = self._run_unit(unit, calls, hiddens, masks, stats, linears, ptrs,
                                 self.token_weights.get(unit_name))
+        for st in stats.values():
+            st.all_reduce()
         groups: dict[tuple, list[str]] = {}
         for sub in linears:
             groups.setdefault(ptrs.get(sub, (sub,)), []).append(sub)
-        for subs in groups.values():
+        self.report.groups.extend([[f"{unit_name}.{s}" for s in g] for g in groups.values()])
+        done = self._quantize_groups(unit_name, linears, stats, list(groups.values()))
+        for s, (q, err) in done.items():
+            mod, scheme = linears[s]
+            full = f"{unit_name}.{s}"
+            self.report.layers[full] = err
+            self.results[full] = q
+            self._replace(unit, s, q, mod.bias, scheme)
+        out = self._run_unit(unit, calls, hiddens, masks) if self.propagate == "quantized" else fp_out
+        self.report.blocks.append({"block": unit_name, "seconds": round(time.perf_counter() - t0, 3),
+                                   "peak_rss_mib": round(_max_rss_mib(), 1), "linears": len(linears)})
+        return out
+
+    @staticmethod
+    def _replace(unit: torch.nn.Module, sub: str, q: QuantizedLinear, bias, scheme: ModuleScheme) -> None:
+        act = scheme.activation.bits if scheme.activation else None
+        parent_name, _, child = sub.rpartition(".")
+        setattr(unit.get_submodule(parent_name) if parent_name else unit, child,
+                FakeQuantLinear(q, None if bias is None else bias.detach(), act))
+
+    def _quantize_groups(self, unit_name, linears, stats, groups) -> dict[str, tuple[QuantizedLinear, float]]:
+        """Quantize every input group; under torch.distributed, group j is done by rank j % world and the
+        results are exchanged, so every rank ends with all of them."""
+        rank, world = _dist_rank_world()
+        mine: dict[str, tuple[QuantizedLinear, float]] = {}
+        for j, subs in enumerate(groups):
+            if j % world != rank:
+                continue
             targets = [LinearTarget(f"{unit_name}.{s}", linears[s][0].weight.detach().float(),
                                     None if linears[s][0].bias is None else linears[s][0].bias.detach(),
                                     stats[s], linears[s][1]) for s in subs]
             results = self.algorithm.quantize_group(targets)
             for s, tgt in zip(subs, targets):
                 q = results[tgt.name]
-                mod, scheme = linears[s]
-                act = scheme.activation.bits if scheme.activation else None
-                fq = FakeQuantLinear(q, tgt.bias, act)
+                act = tgt.scheme.activation.bits if tgt.scheme.activation else None
                 x = stats[s].sample
                 y_ref = torch.nn.functional.linear(x, tgt.weight, tgt.bias)
-                err = float((fq(x) - y_ref).norm() / y_ref.norm().clamp(min=1e-12))
-                self.report.layers[tgt.name] = err
-                self.results[tgt.name] = q
-                parent_name, _, child = s.rpartition(".")
-                setattr(unit.get_submodule(parent_name) if parent_name else unit, child, fq)
-        out = self._run_unit(unit, calls, hiddens, masks) if self.propagate == "quantized" else fp_out
-        self.report.blocks.append({"block": unit_name, "seconds": round(time.perf_counter() - t0, 3),
-                                   "peak_rss_mib": round(_max_rss_mib(), 1), "linears": len(linears)})
-        return out
+                y_q = FakeQuantLinear(q, tgt.bias, act)(x)
+                mine[s] = (q, float((y_q - y_ref).norm() / y_ref.norm().clamp(min=1e-12)))
+        if world == 1:
+            return mine
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, mine)
+        merged: dict[str, tuple[QuantizedLinear, float]] = {}
+        for p in parts:
+            merged.update(p)
+        return merged
 
     # -- whole model --------------------------------------------------------------------------------------------
     def run(self, chains: list[Chain], samples: list[dict[str, torch.Tensor]],
-            masks_of: Callable[[Chain, dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, QuantizedLinear]:
+            masks_of: Callable[[Chain, dict[str, torch.Tensor]], torch.Tensor],
+            state: CalibrationState | None = None) -> dict[str, QuantizedLinear]:
+        """Calibrate all chains. With `state`, progress is saved after every block and a run that finds saved
+        progress resumes after the last finished block (identical result: the algorithms are deterministic)."""
         total = sum(len(c.units) for c in chains)
-        bar = tqdm(total=total, desc="calibrating", unit="block", disable=not self.progress)
+        resume_at, saved_hidden = 0, None
+        if state is not None:
+            resume_at, saved_hidden = state.load(self)
+        bar = tqdm(total=total, desc="calibrating", unit="block", disable=not self.progress, initial=resume_at)
+        index = 0
         for chain in chains:
+            if index + len(chain.units) <= resume_at:
+                index += len(chain.units)
+                continue
             calls = self._capture(chain, samples)
             masks = [masks_of(chain, s) for s in samples]
             hiddens = [_hidden_of(a, k) for a, k in calls[0]]
             for i, (name, unit) in enumerate(chain.units):
+                if index < resume_at:
+                    index += 1
+                    if index == resume_at and saved_hidden is not None:
+                        hiddens = saved_hidden
+                    continue
                 bar.set_postfix_str(name)
                 hiddens = self._calibrate_unit(name, unit, calls[i], hiddens, masks)
                 calls[i] = []  # free this block's cached inputs
+                index += 1
+                if state is not None:
+                    state.save(self, index, name, hiddens, last_in_chain=i == len(chain.units) - 1)
                 bar.update(1)
         bar.close()
         return self.results
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CalibrationState:
+    """Progress of an interrupted calibration in `folder` (next to the output, never mistaken for a checkpoint):
+    `progress.json` (written last, atomically), one `unit-NNNN.safetensors` of quantized tensors per finished block
+    (rank 0), and `hidden-rankR.safetensors` (each rank's current block outputs, when inside a chain)."""
+
+    def __init__(self, folder, fingerprint: dict[str, Any], scheme_of: Callable[[str], ModuleScheme | None]):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.scheme_of = scheme_of
+
+    def _progress(self) -> dict[str, Any] | None:
+        import json
+
+        p = self.folder / "progress.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def load(self, driver: LayerwiseDriver) -> tuple[int, list[torch.Tensor] | None]:
+        from safetensors.torch import load_file
+
+        from vllm_qe.format.checkpoint import group_module_tensors
+
+        prog = self._progress()
+        if prog is None:
+            return 0, None
+        if prog["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.folder}: saved progress belongs to another calibration config; "
+                             "remove the folder or rerun with the same settings")
+        for unit_file in prog["unit_files"]:
+            t = load_file(str(self.folder / unit_file))
+            mods = sorted({k.rpartition(".")[0] for k in t})
+            for full, suffixes in group_module_tensors(set(t), mods).items():
+                scheme = self.scheme_of(full)
+                q = QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()}, scheme)
+                driver.results[full] = q
+                lin = driver.model.get_submodule(full)
+                unit_name = prog["unit_of"][full]
+                driver._replace(driver.model.get_submodule(unit_name), full[len(unit_name) + 1:], q, lin.bias, scheme)
+        driver.report.layers.update(prog["layer_errors"])
+        hidden = None
+        rank, _ = _dist_rank_world()
+        hfile = self.folder / f"hidden-rank{rank}.safetensors"
+        if prog.get("mid_chain") and hfile.is_file():
+            h = load_file(str(hfile))
+            hidden = [h[str(i)] for i in range(len(h))]
+        return int(prog["next_unit"]), hidden
+
+    def save(self, driver: LayerwiseDriver, next_unit: int, unit_name: str, hiddens: list[torch.Tensor],
+             last_in_chain: bool) -> None:
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        rank, world = _dist_rank_world()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not last_in_chain:
+            tmp = self.folder / f"hidden-rank{rank}.tmp.safetensors"
+            save_file({str(i): h.contiguous() for i, h in enumerate(hiddens)}, str(tmp))
+            os.replace(tmp, self.folder / f"hidden-rank{rank}.safetensors")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank != 0:
+            return
+        prog = self._progress() or {"fingerprint": self.fingerprint, "unit_files": [], "unit_of": {},
+                                    "layer_errors": {}}
+        new = {n: q for n, q in driver.results.items() if n.startswith(unit_name + ".")}
+        if new:
+            fname = f"unit-{next_unit:04d}.safetensors"
+            tensors = {}
+            for n, q in new.items():
+                tensors.update(q.to_tensors(n))
+                prog["unit_of"][n] = unit_name
+                prog["layer_errors"][n] = driver.report.layers.get(n)
+            save_file(tensors, str(self.folder / fname))
+            prog["unit_files"].append(fname)
+        prog["next_unit"] = next_unit
+        prog["mid_chain"] = not last_in_chain
+        tmp = self.folder / "progress.tmp.json"
+        tmp.write_text(json.dumps(prog))
+        os.replace(tmp, self.folder / "progress.json")

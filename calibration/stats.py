@@ -96,6 +96,36 @@ class InputStats:
                 self.sample_weight[j[i]] = w[take + i]
         self._seen += x.shape[0]
 
+    def all_reduce(self) -> None:
+        """Combine the statistics of all torch.distributed ranks (sums, max, and the token reservoirs concatenated
+        in rank order then cut to `max_tokens`); a no-op without an initialised process group."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+
+        def total(t: torch.Tensor | None, op=dist.ReduceOp.SUM) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.clone()
+            dist.all_reduce(t, op=op)
+            return t
+
+        counts = total(torch.tensor([self.n_tokens, self.n_vision, self.weight_sum], dtype=torch.float64))
+        self.n_tokens, self.n_vision, self.weight_sum = int(counts[0]), int(counts[1]), float(counts[2])
+        self.abs_sum = total(self.abs_sum)
+        self.abs_max = total(self.abs_max, dist.ReduceOp.MAX)
+        self.xtx = total(self.xtx)
+        self.cooc = total(self.cooc)
+        self.pick_vision = total(self.pick_vision)
+        self.pick_text = total(self.pick_text)
+        if self.max_tokens:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (self.sample, self.sample_vision, self.sample_weight))
+            self.sample = torch.cat([p[0] for p in parts])[: self.max_tokens]
+            self.sample_vision = torch.cat([p[1] for p in parts])[: self.max_tokens]
+            self.sample_weight = torch.cat([p[2] for p in parts])[: self.max_tokens]
+
     @property
     def abs_mean(self) -> torch.Tensor:
         """`[in]` float32 mean |x| per channel."""

@@ -1,6 +1,6 @@
-"""Train the tiny Qwen2-VL VQA model used by the accuracy table (seeded; about 15 minutes on 2 CPU cores).
+"""Train the tiny Qwen2-VL VQA model used by the accuracy table (seeded; about 6 minutes of compute on 2 CPU cores).
 
-    python examples/train_vqa.py --out runs/vqa-qwen2vl [--steps 6000]
+    python examples/train_vqa.py --out runs/vqa-qwen2vl [--steps 3000]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from vllm_qe.calibration.fixtures.train_vqa import train_vqa_model
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/vqa-qwen2vl")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()

@@ -40,6 +40,20 @@ def test_rtn_checkpoint_covers_vision_and_language(arch, quantized_dir, tiny_dir
     assert (out / "preprocessor_config.json").exists() or (out / "processor_config.json").exists()
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+def test_layers_reading_one_input_are_grouped_and_no_others(arch, quantized_dir):
+    import json
+
+    out = quantized_dir(arch, "rtn", wbits=4, abits=8)
+    groups = json.loads((out / "vllm_qe_report.json").read_text())["input_groups"]
+    short = sorted(tuple(sorted(n.rsplit(".", 1)[1] for n in g)) for g in groups if ".layers.1." in g[0]
+                   and "language_model" in g[0])
+    assert short == [("down_proj",), ("gate_proj", "up_proj"), ("k_proj", "q_proj", "v_proj"), ("o_proj",)]
+    for g in groups:
+        if "language_model" not in g[0]:  # vision tower / connector: singletons, or CLIP's separate q/k/v
+            assert len(g) == 1 or sorted(n.rsplit(".", 1)[1] for n in g) == ["k_proj", "q_proj", "v_proj"], g
+
+
 def test_fake_quant_model_runs_and_differs_from_full_precision(quantized_dir, tiny_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -64,21 +78,47 @@ def test_no_vision_leaves_vision_tower_in_full_precision(quantized_dir):
     assert "visual.blocks.0.attn.qkv" in cfg.ignore
 
 
-def test_interrupted_calibration_leaves_no_valid_looking_folder(tmp_path, tiny_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_killed_calibration_leaves_no_valid_folder_and_resumes_to_the_same_result(method, tmp_path, tiny_dir,
+                                                                                  monkeypatch):
+    from vllm_qe.calibration.algorithms.gptq import GPTQ
+
+    cfg = CalibrationConfig(method=method, group_size=32, num_samples=3)
+    full = calibrate(tiny_dir("qwen2_vl"), tmp_path / "full", cfg, progress=False)
+
+    cls = RTN if method == "rtn" else GPTQ
     calls = {"n": 0}
-    orig = RTN.quantize_group
+    orig = cls.quantize_group
 
     def flaky(self, targets):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 14:  # inside the language model, after the vision tower and a few blocks
             raise KeyboardInterrupt
         return orig(self, targets)
 
-    monkeypatch.setattr(RTN, "quantize_group", flaky)
+    monkeypatch.setattr(cls, "quantize_group", flaky)
+    out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        calibrate(tiny_dir("qwen2_vl"), tmp_path / "out", CalibrationConfig(group_size=32, num_samples=2),
-                  progress=False)
-    assert list(tmp_path.iterdir()) == []
+        calibrate(tiny_dir("qwen2_vl"), out, cfg, progress=False)
+    assert not out.exists()
+    partial = tmp_path / "out.partial"
+    assert (partial / "progress.json").is_file() and not (partial / "config.json").exists()
+    monkeypatch.setattr(cls, "quantize_group", orig)
+    calls["resumed"] = 0
+
+    def counting(self, targets):
+        calls["resumed"] += 1
+        return orig(self, targets)
+
+    monkeypatch.setattr(cls, "quantize_group", counting)
+    calibrate(tiny_dir("qwen2_vl"), out, cfg, progress=False)
+    # groups done before the kill: vision blocks (2 x 4) + merger (2); the 3 finished groups of language layer 0
+    # were not saved (a block is the unit of progress), so 26 - 10 groups are redone
+    assert calls["resumed"] == 16
+    assert not partial.exists()
+    a, b = load_tensors(full), load_tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_calibrate_and_inspect(tmp_path, tiny_dir):
