@@ -65,7 +65,13 @@ def cluster_channels(affinity: torch.Tensor, n_clusters: int, seed: int = 0) -> 
     if n_clusters >= n:
         return np.arange(n) % n_clusters
     sc = SpectralClustering(n_clusters=n_clusters, affinity="precomputed", random_state=seed, assign_labels="kmeans")
-    return sc.fit_predict(affinity.double().numpy())
+    labels = sc.fit_predict(affinity.double().numpy())
+    # Canonical order (clusters numbered by their first member): the same partition always gives the same
+    # expert numbering, whatever k-means' label permutation.
+    first: dict[int, int] = {}
+    for lab in labels.tolist():
+        first.setdefault(lab, len(first))
+    return np.array([first[lab] for lab in labels.tolist()])
 
 
 def token_groups(x: torch.Tensor, channel_score: torch.Tensor, k: int, channels: torch.Tensor,
