@@ -28,6 +28,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "QE, shared expert only (rank 8)": ("W3A16", {"method": "qe", "method_params": {**QE, "num_routed": 0,
                                                                                     "shared_rank": 8}}),
     "QE + TLQ gradnorm": ("W3A16", {"method": "qe", "method_params": QE, "token_importance": "gradnorm"}),
+    "QE + AdamW refinement (200 steps)": ("W3A16", {"method": "qe",
+                                                    "method_params": {**QE, "refine_steps": 200}}),
     "QE W4A6 (reference)": ("W4A6", {"method": "qe", "method_params": QE}),
     "QE W4A6, AWQ base": ("W4A6", {"method": "qe", "method_params": {**QE, "base": "awq"}}),
     "QE W4A6, no smoothing (RTN base)": ("W4A6", {"method": "qe", "method_params": {**QE, "base": "rtn"}}),

@@ -207,3 +207,17 @@ def test_gradient_pass_gives_token_weights_and_modality_ratios(tiny_dir):
     assert "model.visual.blocks.0" in gs.token_weight  # gradients reach the vision tower
     assert set(gs.vision_text_ratio) == {f"model.language_model.layers.{i}" for i in range(4)}
     assert gs.gamma > 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_qe_refinement_does_not_increase_the_routed_error():
+    x, w, kind, _ = _planted_layer(n_tokens=1500)
+    scheme = ModuleScheme(WeightScheme(3, 32, False), None, AdapterScheme())
+    st = _stats(x, gram=True, max_tokens=1500, topk=12, channel_score=w.abs().mean(0))
+    base = QEParams(k=4, num_routed=4, shared_rank=4, routed_rank=8)
+    refined = QEParams(k=4, num_routed=4, shared_rank=4, routed_rank=8, refine_steps=60, refine_lr=1e-3)
+    ref = x @ w.t()
+    e0 = float((_out(qe_fit(w, st, scheme, base, None, "rtn"), x) - ref).norm())
+    q1 = qe_fit(w, st, scheme, refined, None, "rtn")
+    e1 = float((_out(q1, x) - ref).norm())
+    assert e1 <= e0 * 1.0001
+    assert (q1.router >= 0).all()

@@ -32,6 +32,9 @@ class QEParams:
     alpha: float = 0.5  # SmoothQuant migration strength
     exempt_shared: bool = True  # C_s columns exempt from direct quantization [S]
     mix: float = 0.1  # weight of the global Gram matrix in each routed expert's fit (regulariser) [I]
+    refine_steps: int = 0  # optional AdamW refinement of routed experts + router (0 = off) [S]
+    refine_lr: float = 1e-4
+    refine_seconds: float = 30.0  # wall-clock bound per layer
     seed: int = 0
 
 
@@ -147,8 +150,67 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
                 e_ra[g], e_rb[g] = a, b
             # [S]/[I] closed-form router: an upper bound of the expert's residual, linear in |x|.
             router[g] = (resid - e_rb[g] @ e_ra[g]).norm(dim=0)
+        if p.refine_steps:
+            e_ra, e_rb, router = refine_routed(resid, x, tw, e_ra, e_rb, router, p)
         q.routed_a, q.routed_b, q.router = e_ra, e_rb, router
     return q
+
+
+def refine_routed(resid: torch.Tensor, x: torch.Tensor, tw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  router: torch.Tensor, p: QEParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Optional refinement [S]: AdamW (cosine schedule) on the routed experts and the router, layer-local.
+
+    Loss = regression `E_t ‖(E_S − B_e A_e) x_t‖²` for the expert the (hard) router picks + a KL term pulling the
+    router's soft scores `softmax(−R|x|/τ)` towards `softmax(−err/τ)` of the experts' actual errors [I: τ = the
+    scores' std]. Bounded by `refine_steps` and `refine_seconds`; the closed-form start is kept if refinement
+    does not lower the routed regression loss on the layer's tokens."""
+    import time
+
+    g = torch.Generator().manual_seed(p.seed)
+    a, b, r = (t.clone().requires_grad_(True) for t in (a, b, router))
+    opt = torch.optim.AdamW([a, b, r], lr=p.refine_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.refine_steps)
+    w = tw / tw.mean()
+
+    def expert_errors(xb: torch.Tensor) -> torch.Tensor:  # [T, E] squared residual after each expert
+        base = xb @ resid.t()  # [T, out]
+        corr = torch.einsum("ti,eri,eor->teo", xb, a, b)
+        return (base[:, None, :] - corr).pow(2).sum(-1)
+
+    def routed_loss(xb, wb) -> torch.Tensor:
+        err = expert_errors(xb)
+        pick = (xb.abs() @ r.t()).argmin(-1)
+        return (err.gather(1, pick[:, None])[:, 0] * wb).mean()
+
+    with torch.no_grad():
+        start = float(routed_loss(x, w))
+        best = (start, a.detach().clone(), b.detach().clone(), r.detach().clone())
+    t0 = time.perf_counter()
+    for _ in range(p.refine_steps):
+        idx = torch.randint(0, x.shape[0], (min(256, x.shape[0]),), generator=g)
+        xb, wb = x[idx], w[idx]
+        err = expert_errors(xb)
+        scores = xb.abs() @ r.t()
+        pick = scores.argmin(-1)
+        reg = (err.gather(1, pick[:, None])[:, 0] * wb).mean()
+        tau_t = err.detach().std().clamp(min=1e-12)
+        tau_s = scores.detach().std().clamp(min=1e-12)
+        kl = torch.nn.functional.kl_div(torch.log_softmax(-scores / tau_s, -1), torch.softmax(-err.detach() / tau_t, -1),
+                                        reduction="batchmean")
+        loss = reg + reg.detach() * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            r.clamp_(min=0)  # scores stay an error estimate (non-negative)
+        if time.perf_counter() - t0 > p.refine_seconds:
+            break
+    with torch.no_grad():
+        end = float(routed_loss(x, w))
+        if end < best[0]:
+            best = (end, a.detach().clone(), b.detach().clone(), r.detach().clone())
+    return best[1], best[2], best[3]
 
 
 @register
