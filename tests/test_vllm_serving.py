@@ -22,6 +22,7 @@ QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
 @pytest.mark.parametrize("arch, method, cfg", [
     ("qwen2_vl", "rtn", dict(wbits=4, abits=8)),
     ("llava", "rtn", dict(wbits=3, abits=None)),
+    ("qwen2_5_vl", "rtn", dict(wbits=4, abits=None)),
     # QE: smoothing + shared + routed experts + router, through vLLM's fused qkv_proj / gate_up_proj layers
     ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL)),
     ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL)),
