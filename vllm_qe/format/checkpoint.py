@@ -70,6 +70,47 @@ def load_tensors(model_dir: str | Path, names: set[str] | None = None) -> dict[s
     return out
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class LazyTensor:
+    """A tensor of a safetensors file known by dtype and shape; its data is read only when `load()` is called
+    (validation reads scales, zero points and adapters, never the packed weights)."""
+
+    def __init__(self, path: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.name, self.dtype, self.shape = path, name, dtype, torch.Size(shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt") as sf:
+            return sf.get_tensor(self.name)
+
+
+def lazy_tensors(model_dir: str | Path) -> dict[str, LazyTensor]:
+    """Every tensor of a model folder as a `LazyTensor` (headers only)."""
+    out: dict[str, LazyTensor] = {}
+    for f in safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118
+                sl = sf.get_slice(k)
+                dt = sl.get_dtype()
+                if dt not in _ST_DTYPES:
+                    raise FormatError(f"{f.name}: tensor {k} has unsupported dtype {dt}")
+                out[k] = LazyTensor(f, k, _ST_DTYPES[dt], tuple(sl.get_shape()))
+    return out
+
+
+def _value(t: torch.Tensor | LazyTensor) -> torch.Tensor:
+    return t.load() if isinstance(t, LazyTensor) else t
+
+
 def group_module_tensors(names: list[str] | set[str], modules: list[str]) -> dict[str, dict[str, str]]:
     """module -> {suffix: full tensor name} for every tensor whose name is `module.<format suffix>`."""
     mods = set(modules)
@@ -88,7 +129,7 @@ def validate_module(name: str, tensors: dict[str, torch.Tensor], scheme: spec.Mo
     ws = tensors[spec.WEIGHT_SHAPE]
     if ws.dtype != torch.int64 or tuple(ws.shape) != (2,):
         raise FormatError(f"{name}.{spec.WEIGHT_SHAPE}: expected int64 [2], found {ws.dtype} {list(ws.shape)}")
-    out_f, in_f = (int(v) for v in ws)
+    out_f, in_f = (int(v) for v in _value(ws))
     expected = spec.expected_tensors(scheme, out_f, in_f)
     for suffix, (dtype, shape) in expected.items():
         if suffix not in tensors:
@@ -101,17 +142,17 @@ def validate_module(name: str, tensors: dict[str, torch.Tensor], scheme: spec.Mo
     extra = sorted(set(tensors) - set(expected) - {"bias"})
     if extra:
         raise FormatError(f"{name}.{extra[0]}: unexpected tensor for this module's scheme")
-    scale = tensors[spec.WEIGHT_SCALE].float()
+    scale = _value(tensors[spec.WEIGHT_SCALE]).float()
     if not torch.isfinite(scale).all():
         raise FormatError(f"{name}.{spec.WEIGHT_SCALE}: contains NaN or Inf")
     if (scale <= 0).any():
         raise FormatError(f"{name}.{spec.WEIGHT_SCALE}: contains non-positive scales")
-    if spec.WEIGHT_ZERO in tensors and int(tensors[spec.WEIGHT_ZERO].max()) >= 2**scheme.weight.bits:
+    if spec.WEIGHT_ZERO in tensors and int(_value(tensors[spec.WEIGHT_ZERO]).max()) >= 2**scheme.weight.bits:
         raise FormatError(f"{name}.{spec.WEIGHT_ZERO}: zero point >= 2^{scheme.weight.bits}")
     for suffix in (spec.SMOOTH_SCALE, spec.SHARED_A, spec.SHARED_B, spec.ROUTED_A, spec.ROUTED_B, spec.ROUTER):
-        if suffix in tensors and not torch.isfinite(tensors[suffix]).all():
+        if suffix in tensors and not torch.isfinite(_value(tensors[suffix])).all():
             raise FormatError(f"{name}.{suffix}: contains NaN or Inf")
-    if spec.SMOOTH_SCALE in tensors and (tensors[spec.SMOOTH_SCALE] <= 0).any():
+    if spec.SMOOTH_SCALE in tensors and (_value(tensors[spec.SMOOTH_SCALE]) <= 0).any():
         raise FormatError(f"{name}.{spec.SMOOTH_SCALE}: contains non-positive scales")
 
 
@@ -151,10 +192,12 @@ class CheckpointSummary:
 
 
 def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
-    """Validate a whole checkpoint and summarise it; raises FormatError naming the first bad module/tensor."""
+    """Validate a whole checkpoint and summarise it; raises FormatError naming the first bad module/tensor.
+
+    Reads tensor headers, and the data of scales, zero points, shapes and adapters only (not packed weights)."""
     model_dir = Path(model_dir)
     qcfg = read_qe_config(model_dir)
-    tensors = load_tensors(model_dir)
+    tensors = lazy_tensors(model_dir)
     grouped = group_module_tensors(set(tensors), qcfg.quantized_modules)
     summary = CheckpointSummary(str(model_dir), qcfg)
     used: set[str] = set()
@@ -167,7 +210,7 @@ def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
         scheme = qcfg.module_scheme(mod)
         validate_module(mod, t, scheme)
         used.update(grouped[mod].values())
-        out_f, in_f = (int(v) for v in t[spec.WEIGHT_SHAPE])
+        out_f, in_f = (int(v) for v in _value(t[spec.WEIGHT_SHAPE]))
         summary.modules[mod] = (out_f, in_f)
         summary.original_bytes += out_f * in_f * 2
         for s, v in t.items():
