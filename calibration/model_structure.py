@@ -16,6 +16,8 @@ CHAINS: dict[str, tuple[str, str, str]] = {
     "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
     "llava": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
               "model.language_model.layers"),
+    # MoE: attention and vision are quantized; the fused 3-D experts are not yet (no MoE method in the plugin).
+    "qwen3_vl_moe": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
 }
 
 

@@ -23,6 +23,8 @@ QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
     ("qwen2_vl", "rtn", dict(wbits=4, abits=8)),
     ("llava", "rtn", dict(wbits=3, abits=None)),
     ("qwen2_5_vl", "rtn", dict(wbits=4, abits=None)),
+    # MoE: attention + vision tower quantized, experts served by vLLM's unquantized MoE method
+    ("qwen3_vl_moe", "rtn", dict(wbits=4, abits=None)),
     # QE: smoothing + shared + routed experts + router, through vLLM's fused qkv_proj / gate_up_proj layers
     ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL)),
     ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL)),
