@@ -133,7 +133,7 @@ def write_reports(results: dict) -> None:
             if r is None:
                 cells.append("n/a")
                 continue
-            cells.append(f"{r['accuracy']:.3f} ({r['top1']:.3f}; {r['kl']:.3f})")
+            cells.append(f"{r['accuracy']:.3f} ({r['top1']:.3f}; {r['kl']:.4f})")
             if r["adapter_bytes_pct"] > 0:
                 cost = f"+{r['adapter_bytes_pct']:.0f}% / +{r['adapter_flops_pct']:.0f}%"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {cost} |")

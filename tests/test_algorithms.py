@@ -221,3 +221,70 @@ def test_qe_refinement_does_not_increase_the_routed_error():
     e1 = float((_out(q1, x) - ref).norm())
     assert e1 <= e0 * 1.0001
     assert (q1.router >= 0).all()
+
+
+def _moe_layer(seed=8, n=3000, experts=4):
+    """Token routing where expert 0 serves most vision tokens; vision and text tokens have different statistics."""
+    g = torch.Generator().manual_seed(seed)
+    is_text = torch.rand(n, generator=g) < 0.5
+    x = torch.randn(n, 64, generator=g)
+    x[~is_text] = x[~is_text] @ (torch.eye(64) + 0.8 * torch.randn(64, 64, generator=g))  # vision: correlated
+    logits = torch.randn(n, experts, generator=g)
+    logits[~is_text, 0] += 3.0
+    prob = torch.softmax(logits, -1)
+    top = prob.topk(2, dim=-1)
+    w = [torch.randn(32, 64, generator=g) * 0.05 for _ in range(experts)]
+    return x, is_text, prob, top, w
+
+
+def test_veq_ma_affinity_hessian_lowers_the_router_weighted_expert_and_layer_error():
+    from vllm_qe.calibration.algorithms.veq import veq_ma_quantize
+
+    x, is_text, prob, top, w = _moe_layer()
+    scheme = WeightScheme(3, 32, False)
+    layer_err = {"gptq": torch.zeros(len(x), 32), "veq": torch.zeros(len(x), 32)}
+    for e in range(4):
+        tok, slot = (top.indices == e).nonzero(as_tuple=True)
+        p = top.values[tok, slot]
+        h = x[tok].t() @ x[tok] / len(tok)
+        q_plain = gptq_quantize(w[e], h, scheme)
+        q_veq = veq_ma_quantize(w[e], x[tok], p, is_text[tok], gamma=1.0, scheme=scheme)
+        for name, q in (("gptq", q_plain), ("veq", q_veq)):
+            err = x[tok] @ (w[e] - dequantize(q.qweight, q.scale, q.zero, 32)).t()
+            layer_err[name].index_add_(0, tok, err * p[:, None])  # the layer sums p-weighted expert outputs
+        if e == 0:  # the vision-heavy expert: its router-weighted output error
+            def weighted(q, tok=tok, p=p, e=e):
+                return float(((x[tok] @ (w[e] - dequantize(q.qweight, q.scale, q.zero, 32)).t()) * p[:, None]).norm())
+            assert weighted(q_veq) < weighted(q_plain)
+    assert layer_err["veq"].norm() < layer_err["gptq"].norm()
+
+
+def test_veq_modality_factor_gamma_protects_text_tokens():
+    from vllm_qe.calibration.algorithms.veq import affinity_hessian, expert_importance, modality_factors
+
+    x, is_text, prob, top, w = _moe_layer()
+    gamma, beta = modality_factors(2.2, 0.1, int(is_text.sum()), int((~is_text).sum()))
+    assert gamma == pytest.approx(22.0) and beta == pytest.approx(int(is_text.sum()) / int((~is_text).sum()))
+    s = expert_importance(torch.tensor([10, 0]), torch.tensor([0, 10]), gamma, beta)
+    assert s[0] > s[1]
+    scheme = WeightScheme(3, 32, False)
+    ones = torch.ones(len(x))
+    def text_err(h):
+        q = gptq_quantize(w[0], h, scheme)
+        return float((x[is_text] @ (w[0] - dequantize(q.qweight, q.scale, q.zero, 32)).t()).norm())
+    assert text_err(affinity_hessian(x, ones, is_text, gamma)) < text_err(affinity_hessian(x, ones, is_text, 1.0))
+
+
+def test_veq_me_shared_scale_search_favours_the_important_expert():
+    from vllm_qe.calibration.algorithms.smoothing import quantized_output
+    from vllm_qe.calibration.algorithms.veq import veq_me_scales
+
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(400, 64, generator=g) * torch.linspace(0.1, 4, 64), torch.randn(400, 64, generator=g),
+          torch.zeros(0, 64)]  # the third expert got no tokens
+    ws = [torch.randn(32, 64, generator=g) * 0.05 for _ in range(3)]
+    scheme = ModuleScheme(WeightScheme(3, 32, False), None, AdapterScheme())
+    s = veq_me_scales(xs, ws, torch.tensor([100.0, 1.0, 5.0]), scheme)
+    def err(i, sc):
+        return float((quantized_output(xs[i], ws[i], scheme, sc) - xs[i] @ ws[i].t()).pow(2).mean())
+    assert s.shape == (64,) and err(0, s) <= err(0, torch.ones(64))
