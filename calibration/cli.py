@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=_cmd_inspect)
 
     t = sub.add_parser("tiny-model", help="write a tiny random-init VLM of a real architecture")
-    t.add_argument("arch", choices=["qwen2_vl", "qwen2_5_vl", "llava"])
+    t.add_argument("arch", choices=["qwen2_vl", "qwen2_5_vl", "llava", "qwen3_vl_moe"])
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_tiny_model)
