@@ -33,6 +33,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "QE W4A6 (reference)": ("W4A6", {"method": "qe", "method_params": QE}),
     "QE W4A6, AWQ base": ("W4A6", {"method": "qe", "method_params": {**QE, "base": "awq"}}),
     "QE W4A6, no smoothing (RTN base)": ("W4A6", {"method": "qe", "method_params": {**QE, "base": "rtn"}}),
+    "QE W4A6, shared expert only (rank 8)": ("W4A6", {"method": "qe", "method_params": {**QE, "num_routed": 0,
+                                                                                       "shared_rank": 8}}),
+    "QE W4A6, routed fit on the global Gram only": ("W4A6", {"method": "qe", "method_params": {**QE, "mix": 1e6}}),
 }
 
 
