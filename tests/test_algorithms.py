@@ -288,3 +288,22 @@ def test_veq_me_shared_scale_search_favours_the_important_expert():
     def err(i, sc):
         return float((quantized_output(xs[i], ws[i], scheme, sc) - xs[i] @ ws[i].t()).pow(2).mean())
     assert s.shape == (64,) and err(0, s) <= err(0, torch.ones(64))
+
+
+def test_mbq_modality_weight_lowers_the_vision_token_error():
+    """MBQ: weighting vision tokens by r in the scale search protects them (vs plain AWQ)."""
+    g = torch.Generator().manual_seed(10)
+    n = 1024
+    vision = torch.arange(n) < 256
+    x = torch.randn(n, 64, generator=g)
+    x[vision] *= torch.linspace(4, 0.2, 64)  # vision tokens: other outlier channels than text tokens
+    x[~vision] *= torch.linspace(0.2, 4, 64)
+    w = torch.randn(32, 64, generator=g) * 0.05
+    scheme = ModuleScheme(WeightScheme(3, -1, False), None, AdapterScheme())
+    errs = {}
+    for name, params in (("awq", {}), ("mbq", {"vision_weight": 50.0})):
+        st = InputStats(64, max_tokens=n)
+        st.update(x, vision)
+        q = get_algorithm(name, **params).quantize_group([LinearTarget("l", w, None, st, scheme)])["l"]
+        errs[name] = float((_out(q, x[vision]) - x[vision] @ w.t()).norm())
+    assert errs["mbq"] < errs["awq"]
