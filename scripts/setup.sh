@@ -21,13 +21,17 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 
 [[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
-"${pip[@]}" -q --upgrade pip setuptools wheel
+pip_install() {
+  # pip's own failures still fail the script (pipefail); its noise about absent local index folders is dropped.
+  "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q "$@" 2>&1 \
+    | { grep -vE "Location .* is ignored|^ *$" || true; }
+}
+pip_install --upgrade pip setuptools wheel
 if [[ "$extra" == "cpu" ]]; then
   # The machine's local CPU torch wheel must win over PyPI's CUDA build.
-  "${pip[@]}" -q "torch==2.13.0"
+  pip_install "torch==2.13.0"
 fi
-"${pip[@]}" -q -e ".[$extra,dev]" 2>&1 | { grep -vE "Location .* is ignored|^ *$" || true; }
+pip_install -e ".[$extra,dev]"
 if [[ "$extra" == "cpu" ]]; then
   "$venv/bin/python" scripts/fix_cpu_env.py
 fi
