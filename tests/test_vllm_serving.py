@@ -14,6 +14,7 @@ pytestmark = pytest.mark.vllm
 
 # float32 end to end; vLLM's CPU attention and HF's eager attention differ only by summation order.
 LOGPROB_ATOL = 2e-3
+ACT_QUANT_LOGPROB_ATOL = 3e-2
 
 
 QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
@@ -70,4 +71,7 @@ def test_tensor_parallel_2_gives_the_same_greedy_tokens(method, cfg, quantized_d
     assert [r["token_ids"] for r in tp1] == [r["token_ids"] for r in tp2]
     worst = max(abs(a[t] - b[t]) for r1, r2 in zip(tp1, tp2) for a, b in zip(r1["logprobs"], r2["logprobs"])
                 for t in a if t in b)
-    assert worst < LOGPROB_ATOL
+    # Row-parallel partial sums change the float summation order; with activation quantization a 1e-7 change can
+    # flip one rounding decision (a whole quantization step for that element), so the bound is looser there.
+    # Exactness of the sharded math itself is checked layer by layer in test_vllm_layers.py.
+    assert worst < (LOGPROB_ATOL if cfg.get("abits") is None else ACT_QUANT_LOGPROB_ATOL)
