@@ -19,6 +19,14 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         propagate=a.propagate, token_importance=a.token_importance, method_params=params,
     )
     out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, resume=not a.no_resume)
+    report = out / "vllm_qe_report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        blocks = r.get("blocks", [])
+        slow = max(blocks, key=lambda b: b["seconds"]) if blocks else None
+        print(f"calibrated {len(blocks)} blocks in {r['seconds']} s; peak RSS "
+              f"{max((b['peak_rss_mib'] for b in blocks), default=0):.0f} MiB"
+              + (f"; slowest block {slow['block']} ({slow['seconds']} s)" if slow else ""))
     print(f"wrote {out}")
     return 0
 
