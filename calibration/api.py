@@ -14,9 +14,16 @@ import torch
 from vllm_qe.calibration import algorithms
 from vllm_qe.calibration.data import BUILTIN, build_inputs, load_calibration_set
 from vllm_qe.calibration.driver import CalibrationState, LayerwiseDriver
-from vllm_qe.calibration.model_structure import Chain, get_chains, image_token_id
+from vllm_qe.calibration.model_structure import Chain, checkpoint_names, get_chains, image_token_id
 from vllm_qe.format import checkpoint as ckpt
-from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, QEConfig, WeightScheme
+from vllm_qe.format.spec import (
+    ActivationScheme,
+    AdapterScheme,
+    ModuleScheme,
+    QEConfig,
+    WeightScheme,
+    matches_any,
+)
 
 
 @dataclass
@@ -72,7 +79,6 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     block's layers are split across ranks; rank 0 writes. Progress is kept in `OUT.partial/` after every block:
     a killed run started again with the same settings resumes there (`resume=False` starts over)."""
     from transformers import AutoProcessor
-    from transformers.core_model_loading import revert_weight_conversion
 
     config = config or CalibrationConfig()
     t0 = time.time()
@@ -95,7 +101,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
               if (c.tower == "language" and config.quantize_language)
               or (c.tower != "language" and config.quantize_vision)]
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    disk = _disk_names(model, all_linears, revert_weight_conversion)
+    disk = checkpoint_names(model, all_linears)
     in_chains = {f"{name}.{sub}" for c in chains for name, unit in c.units
                  for sub, m in unit.named_modules() if isinstance(m, torch.nn.Linear)}
     tensors = ckpt.load_tensors(model_dir)
@@ -104,8 +110,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
             raise ValueError(f"{model_dir}: module {n} maps to {disk[n]}.weight, which is not in the safetensors")
 
     def scheme_of(name: str) -> ModuleScheme | None:
-        if name not in in_chains or qcfg.is_ignored(disk[name]) or any(
-                _matches(p, name) for p in config.ignore):
+        if name not in in_chains or qcfg.is_ignored(disk[name]) or matches_any(name, config.ignore):
             return None
         return qcfg.module_scheme(disk[name])
 
@@ -216,20 +221,3 @@ def _rtn_unit_outputs(model, chains, samples, scheme_of) -> dict[str, list[torch
         for h in hooks:
             h.remove()
     return outs
-
-
-def _matches(pattern: str, name: str) -> bool:
-    import re
-
-    return bool(re.fullmatch(pattern[3:], name)) if pattern.startswith("re:") else pattern == name
-
-
-def _disk_names(model, names: list[str], revert) -> dict[str, str]:
-    """In-memory module name -> the name its weight has in the model folder's safetensors."""
-    out = {}
-    for n in names:
-        keys = list(revert(model, {f"{n}.weight": torch.zeros(1)}).keys())
-        if len(keys) != 1 or not keys[0].endswith(".weight"):
-            raise ValueError(f"cannot map module {n} to a checkpoint tensor name (got {keys})")
-        out[n] = keys[0][: -len(".weight")]
-    return out

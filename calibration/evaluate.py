@@ -34,20 +34,9 @@ def _answer_positions(processor, sample) -> tuple[dict, torch.Tensor, torch.Tens
     n_prompt = build_inputs(processor, sample.image, sample.question)["input_ids"].shape[1]
     ids = full["input_ids"][0]
     # Positions whose next token is an answer token or the end-of-turn token right after it.
-    pos = torch.arange(n_prompt - 1, min(ids.shape[0] - 1, ids.shape[0] - 1))
+    pos = torch.arange(n_prompt - 1, ids.shape[0] - 1)
     targets = ids[pos + 1]
     return full, pos, targets
-
-
-@torch.no_grad()
-def accuracy_only(model, processor, samples) -> tuple[float, dict[str, float]]:
-    hits: dict[str, list[int]] = {}
-    for s in samples:
-        inputs, pos, tgt = _answer_positions(processor, s)
-        pred = model(**inputs).logits[0, pos].argmax(-1)
-        hits.setdefault(s.kind, []).append(int(bool((pred == tgt).all())))
-    allh = [h for v in hits.values() for h in v]
-    return sum(allh) / max(len(allh), 1), {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
 @torch.no_grad()

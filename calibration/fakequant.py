@@ -38,8 +38,8 @@ def load_fake_quant_model(ckpt_dir, dtype: torch.dtype = torch.float32):
     import logging
 
     from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.core_model_loading import revert_weight_conversion
 
+    from vllm_qe.calibration.model_structure import checkpoint_names
     from vllm_qe.format.checkpoint import group_module_tensors, load_tensors, read_qe_config, validate_module
 
     qcfg = read_qe_config(ckpt_dir)
@@ -56,11 +56,8 @@ def load_fake_quant_model(ckpt_dir, dtype: torch.dtype = torch.float32):
     tensors = load_tensors(ckpt_dir)
     grouped = group_module_tensors(set(tensors), qcfg.quantized_modules)
     replaced = set()
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        keys = list(revert_weight_conversion(model, {f"{name}.weight": torch.zeros(1)}))
-        disk = keys[0][: -len(".weight")]
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, disk in checkpoint_names(model, linears).items():
         if disk not in grouped:
             continue
         scheme = qcfg.module_scheme(disk)

@@ -44,6 +44,20 @@ def get_chains(model: torch.nn.Module, model_type: str) -> list[Chain]:
     return out
 
 
+def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """In-memory module name -> the name its weight has in the model folder's safetensors (transformers renames
+    some prefixes on load and reverts them on save; asked one module at a time so the answer is unambiguous)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for n in names:
+        keys = list(revert_weight_conversion(model, {f"{n}.weight": torch.zeros(1)}).keys())
+        if len(keys) != 1 or not keys[0].endswith(".weight"):
+            raise ValueError(f"cannot map module {n} to a checkpoint tensor name (got {keys})")
+        out[n] = keys[0][: -len(".weight")]
+    return out
+
+
 def image_token_id(config) -> int:
     for key in ("image_token_id", "image_token_index"):
         if getattr(config, key, None) is not None:

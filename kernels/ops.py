@@ -10,8 +10,7 @@ import os
 
 import torch
 
-from vllm_qe.format.packing import unpack
-from vllm_qe.format.quantizer import dequantize
+from vllm_qe.format.module import dequantize_packed
 from vllm_qe.kernels import reference
 
 
@@ -75,9 +74,7 @@ def qe_linear_packed(
 
         return triton_impl(x, packed, scale, zero, bits, group_size, bias, smooth, act_bits, out_splits, shared_a,
                            shared_b, routed_a, routed_b, expert_ids, act_absmax)
-    k = x.shape[1]
-    z = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32) if zero is None else zero
-    w = dequantize(unpack(packed, bits, k), scale.float(), z.float(), group_size)
+    w = dequantize_packed(packed, scale, zero, bits, group_size, x.shape[1])
     return reference.qe_linear(x, w, bias, act_bits=act_bits or None, smooth=smooth, out_splits=out_splits,
                                shared_a=shared_a, shared_b=shared_b, routed_a=routed_a, routed_b=routed_b,
                                expert_ids=expert_ids, act_absmax=act_absmax)

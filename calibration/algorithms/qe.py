@@ -50,9 +50,8 @@ def npmi_affinity(cooc: torch.Tensor, n_tokens: int) -> torch.Tensor:
     since spectral clustering needs non-negative affinities]. Pairs never seen together get NPMI = -1."""
     p = cooc.double() / max(n_tokens, 1)
     pi = p.diagonal()
-    pij = p.clone()
-    with torch.no_grad():
-        npmi = torch.log(pij / (pi[:, None] * pi[None, :]).clamp(min=1e-300)) / (-torch.log(pij))
+    pij = p
+    npmi = torch.log(pij / (pi[:, None] * pi[None, :]).clamp(min=1e-300)) / (-torch.log(pij))
     npmi = torch.where(pij > 0, npmi, torch.full_like(npmi, -1.0))
     npmi = torch.where(pij >= 1.0, torch.ones_like(npmi), npmi)  # always co-occurring: -log p = 0
     npmi.fill_diagonal_(1.0)

@@ -27,6 +27,12 @@ def quantized_output(x: torch.Tensor, w: torch.Tensor, scheme: ModuleScheme, s: 
     return xs @ wq.t()
 
 
+def grid_scale(x_abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ's candidate `s = x̄^α / sqrt(max·min)` `[in]` (clamped away from 0)."""
+    s = x_abs_mean.clamp(min=1e-6).pow(alpha)
+    return (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
+
+
 def scale_search(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -42,12 +48,10 @@ def scale_search(
     tw = torch.ones(x.shape[0]) if token_weight is None else token_weight.float()
     tw = tw / tw.sum().clamp(min=1e-12)
     refs = [x @ w.t() for w in weights]
-    x_mean = x.abs().mean(0).clamp(min=1e-6)
+    x_mean = x.abs().mean(0)
     best, best_s = float("inf"), torch.ones(x.shape[1])
     for i in range(grid):
-        alpha = i / grid
-        s = x_mean.pow(alpha)
-        s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
+        s = grid_scale(x_mean, i / grid)
         total = 0.0
         for w, ref in zip(weights, refs):
             d = quantized_output(x, w, scheme, s) - ref

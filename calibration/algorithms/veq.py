@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
-from vllm_qe.calibration.algorithms.smoothing import quantized_output
+from vllm_qe.calibration.algorithms.smoothing import grid_scale, quantized_output
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme, WeightScheme
 
@@ -47,12 +47,10 @@ def veq_me_scales(xs: list[torch.Tensor], weights: list[torch.Tensor], importanc
                   scheme: ModuleScheme, grid: int = 20) -> torch.Tensor:
     """One smoothing vector `[in]` for all experts: the AWQ grid over α minimising Σ_i S_i·err_i, where err_i is
     expert i's output MSE on its own tokens. `xs[i]` `[T_i, in]` (may be empty), `weights[i]` `[out, in]`."""
-    pool = torch.cat([x for x in xs if len(x)])
-    best, best_s = float("inf"), torch.ones(pool.shape[1])
+    x_mean = torch.cat([x for x in xs if len(x)]).abs().mean(0)
+    best, best_s = float("inf"), torch.ones(x_mean.shape[0])
     for i in range(grid):
-        alpha = i / grid
-        s = pool.abs().mean(0).clamp(min=1e-6).pow(alpha)
-        s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
+        s = grid_scale(x_mean, i / grid)
         total = 0.0
         for e, (x, w) in enumerate(zip(xs, weights)):
             if len(x) == 0:

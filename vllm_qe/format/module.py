@@ -11,6 +11,17 @@ from vllm_qe.format.packing import pack, unpack
 from vllm_qe.format.quantizer import dequantize
 
 
+def zero_points(scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """float32 zero points `[out, G]`: the stored ones, or `2^(bits-1)` for a symmetric scheme (`zero` None)."""
+    return torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32) if zero is None else zero.float()
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                      group_size: int, in_features: int) -> torch.Tensor:
+    """float32 `[out, in]` weight straight from the checkpoint tensors (`zero` None = symmetric)."""
+    return dequantize(unpack(packed, bits, in_features), scale.float(), zero_points(scale, zero, bits), group_size)
+
+
 @dataclass
 class QuantizedLinear:
     """A quantized linear layer `y = x·Ŵᵀ + adapters`, with shapes as in docs/checkpoint-format.md.
@@ -66,8 +77,7 @@ class QuantizedLinear:
         out_f, in_f = (int(v) for v in tensors[spec.WEIGHT_SHAPE])
         w = scheme.weight
         scale = tensors[spec.WEIGHT_SCALE].float()
-        zero = (torch.full_like(scale, 2 ** (w.bits - 1)) if w.symmetric
-                else tensors[spec.WEIGHT_ZERO].float())
+        zero = zero_points(scale, None if w.symmetric else tensors[spec.WEIGHT_ZERO], w.bits)
 
         def opt(k: str) -> torch.Tensor | None:
             return tensors[k].float() if k in tensors else None

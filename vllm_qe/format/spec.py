@@ -155,13 +155,7 @@ class QEConfig:
     # -- per-module view ---------------------------------------------------------------------------------------
     def is_ignored(self, name: str) -> bool:
         """True when `name` matches the ignore list (exact name, or `re:` regular expression)."""
-        for pat in self.ignore:
-            if pat.startswith("re:"):
-                if re.fullmatch(pat[3:], name):
-                    return True
-            elif name == pat:
-                return True
-        return False
+        return matches_any(name, self.ignore)
 
     def module_scheme(self, name: str) -> ModuleScheme:
         """The scheme of module `name` after applying its override, if any."""
@@ -175,6 +169,11 @@ class QEConfig:
             act = self.activation
         adapters = replace(self.adapters, **ov["adapters"]) if "adapters" in ov else self.adapters
         return ModuleScheme(weight, act, adapters, bool(ov.get("smooth", self.smooth)))
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """`name` equals one of `patterns`, or fully matches one written `re:REGEX`."""
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p for p in patterns)
 
 
 def _parse(kind: type, d: Any, where: str) -> Any:

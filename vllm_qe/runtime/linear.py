@@ -21,8 +21,9 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_qe.format import spec
-from vllm_qe.format.packing import packed_width, shard_unit, unpack
-from vllm_qe.format.quantizer import dequantize, num_groups
+from vllm_qe.format.module import dequantize_packed
+from vllm_qe.format.packing import packed_width, shard_unit
+from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
 from vllm_qe.kernels import ops
 from vllm_qe.kernels.reference import route_grouped, router_scores
@@ -135,10 +136,10 @@ class QELinearMethod(LinearMethodBase):
             layer.qe_weight = None
         else:
             # CPU: keep the dequantized float32 weight for the torch path; drop the packed copies.
-            zero = (layer.weight_zero_point.data.float() if not w.symmetric
-                    else torch.full_like(scale, 2 ** (w.bits - 1)))
-            q = unpack(layer.weight_packed.data, w.bits, layer.qe_in)
-            layer.qe_weight = torch.nn.Parameter(dequantize(q, scale, zero, w.group_size), requires_grad=False)
+            zero = getattr(layer, spec.WEIGHT_ZERO, None)
+            deq = dequantize_packed(layer.weight_packed.data, scale, None if zero is None else zero.data, w.bits,
+                                    w.group_size, layer.qe_in)
+            layer.qe_weight = torch.nn.Parameter(deq, requires_grad=False)
             for name in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
                 if hasattr(layer, name):
                     delattr(layer, name)
