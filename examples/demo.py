@@ -2,7 +2,7 @@
 
     python examples/demo.py [--model trained|random] [--method qe] [--wbits 4] [--abits 8] [--workdir runs/demo]
 
-`trained` (default): the tiny Qwen2-VL trained here on the generated VQA task (trained once, ~6 min of compute on
+`trained` (default): the tiny Qwen2-VL trained here on the generated VQA task (trained once, 17 min in the recorded run on
 2 cores, then reused from runs/vqa-qwen2vl), so the answer means something. `random`: a random-init tiny model of
 `--arch` (seconds; the answer is noise).
 """
