@@ -14,9 +14,17 @@ import torch
 from vllm_qe.calibration import algorithms
 from vllm_qe.calibration.data import BUILTIN, build_inputs, load_calibration_set
 from vllm_qe.calibration.driver import CalibrationState, LayerwiseDriver
-from vllm_qe.calibration.model_structure import Chain, checkpoint_names, get_chains, image_token_id
+from vllm_qe.calibration.model_structure import (
+    Chain,
+    checkpoint_names,
+    expert_checkpoint_names,
+    get_chains,
+    image_token_id,
+)
+from vllm_qe.calibration.moe import parse_expert_name
 from vllm_qe.format import checkpoint as ckpt
 from vllm_qe.format.spec import (
+    EXPERT_OVERRIDE,
     ActivationScheme,
     AdapterScheme,
     ModuleScheme,
@@ -48,6 +56,27 @@ class CalibrationConfig:
 
 def _algorithm_adapters(algo) -> AdapterScheme:
     return getattr(algo, "adapter_scheme", AdapterScheme())
+
+
+def _expert_override(algo, act: ActivationScheme | None) -> dict[str, Any]:
+    """The scheme override of MoE expert modules: weight-only (the VEQ settings; the MoE method has no activation
+    quantization), the algorithm's expert adapters (QE: a shared low-rank expert per MoE expert, no routed ones:
+    the MoE router already makes every expert token-dependent) and whether the algorithm smooths experts."""
+    ov: dict[str, Any] = {"adapters": asdict(getattr(algo, "expert_adapter_scheme", _algorithm_adapters(algo))),
+                          "smooth": algo.uses_smoothing(False)}
+    if act is not None:
+        ov["activation"] = None
+    return ov
+
+
+def _source_tensor(module: str, disk_name: str) -> str:
+    """The model-folder tensor a quantized module is made from: `<name>.weight`, or for a per-expert module the
+    fused experts' `gate_up_proj` / `down_proj`."""
+    parsed = parse_expert_name(disk_name)
+    if parsed is None:
+        return f"{disk_name}.weight"
+    path, _, proj = parsed
+    return f"{path}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
 
 
 def load_model(model_dir: str | Path):
@@ -95,19 +124,27 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     qcfg = QEConfig(weight=WeightScheme(config.wbits, config.group_size, config.symmetric), activation=act,
                     adapters=_algorithm_adapters(algo), smooth=algo.uses_smoothing(act is not None),
                     algorithm={"name": config.method, "params": config.method_params})
+    experts_disk = expert_checkpoint_names(model)
+    expert_ov = _expert_override(algo, act)
+    if experts_disk and qcfg.module_scheme("") != QEConfig(**{**qcfg.__dict__, "overrides": {
+            EXPERT_OVERRIDE: expert_ov}}).module_scheme("x.experts.0.gate_proj"):
+        qcfg.overrides[EXPERT_OVERRIDE] = expert_ov
     qcfg.validate()
 
     chains = [c for c in get_chains(model, model_type)
               if (c.tower == "language" and config.quantize_language)
               or (c.tower != "language" and config.quantize_vision)]
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    disk = checkpoint_names(model, all_linears)
+    disk = {**checkpoint_names(model, all_linears), **experts_disk}
+    unit_names = [name for c in chains for name, _ in c.units]
     in_chains = {f"{name}.{sub}" for c in chains for name, unit in c.units
                  for sub, m in unit.named_modules() if isinstance(m, torch.nn.Linear)}
+    in_chains |= {n for n in experts_disk if any(n.startswith(u + ".") for u in unit_names)}
     tensors = ckpt.load_tensors(model_dir)
     for n in sorted(in_chains):
-        if f"{disk[n]}.weight" not in tensors:
-            raise ValueError(f"{model_dir}: module {n} maps to {disk[n]}.weight, which is not in the safetensors")
+        tensor = _source_tensor(n, disk[n])
+        if tensor not in tensors:
+            raise ValueError(f"{model_dir}: module {n} maps to {tensor}, which is not in the safetensors")
 
     def scheme_of(name: str) -> ModuleScheme | None:
         if name not in in_chains or qcfg.is_ignored(disk[name]) or matches_any(name, config.ignore):
@@ -132,7 +169,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     driver = LayerwiseDriver(model, algo, scheme_of, propagate=config.propagate, seed=config.seed,
                              progress=progress and rank == 0,
                              token_weights=grads.token_weight if grads and config.token_importance else None,
-                             unit_ratio=grads.vision_text_ratio if grads else None)
+                             unit_ratio=grads.vision_text_ratio if grads else None,
+                             gamma=grads.gamma if grads else float(config.method_params.get("gamma", 1.0)))
     partial = out_dir.with_name(out_dir.name + ".partial")
     if not resume and rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -147,8 +185,11 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
 
     qcfg.quantized_modules = sorted(disk[n] for n in results)
     qcfg.ignore = sorted(disk[n] for n in all_linears if n not in results)
+    qcfg.ignore += sorted({disk[n].rsplit(".", 2)[0] for n in experts_disk if n not in results})
+    if not any(parse_expert_name(n) for n in results):
+        qcfg.overrides.pop(EXPERT_OVERRIDE, None)
     for n, q in results.items():
-        tensors.pop(f"{disk[n]}.weight")
+        tensors.pop(_source_tensor(n, disk[n]), None)
         tensors.update(q.to_tensors(disk[n]))
     model_cfg.pop("quantization_config", None)
     report = {"config": asdict(config), "seconds": round(time.time() - t0, 2), "num_samples": len(samples),

@@ -27,9 +27,18 @@ from tqdm.auto import tqdm
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget
 from vllm_qe.calibration.fakequant import FakeQuantLinear
 from vllm_qe.calibration.model_structure import Chain
+from vllm_qe.calibration.moe import (
+    ExpertInfo,
+    FakeQuantExperts,
+    expert_inputs,
+    expert_weight,
+    find_moe_blocks,
+    parse_expert_name,
+    routed_tokens,
+)
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.spec import ModuleScheme
+from vllm_qe.format.spec import EXPERT_PROJS, ModuleScheme
 
 REPORT_TOKENS = 256
 
@@ -84,6 +93,7 @@ class LayerwiseDriver:
         progress: bool = True,
         token_weights: dict[str, list[torch.Tensor]] | None = None,
         unit_ratio: dict[str, float] | None = None,
+        gamma: float = 1.0,
     ) -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
@@ -95,6 +105,7 @@ class LayerwiseDriver:
         self.progress = progress
         self.token_weights = token_weights or {}
         self.unit_ratio = unit_ratio or {}
+        self.gamma = gamma  # VEQ: model-wide text/vision gradient ratio (α of text tokens in the affinity Hessian)
         self.results: dict[str, QuantizedLinear] = {}
         self.report = DriverReport()
 
@@ -138,10 +149,12 @@ class LayerwiseDriver:
 
     @torch.no_grad()
     def _run_unit(self, unit, calls, hiddens, masks, stats=None, linears=None, ptrs=None,
-                  weights=None) -> list[torch.Tensor]:
+                  weights=None, moe_stats=None) -> list[torch.Tensor]:
         hooks = []
         keep: list[torch.Tensor] = []
         current: dict[str, Any] = {}
+        if moe_stats:
+            hooks.extend(self._moe_hooks(unit, moe_stats, current))
         if stats is not None:
             for sub, (mod, _) in linears.items():
                 def hook(m, inp, sub=sub):
@@ -170,39 +183,168 @@ class LayerwiseDriver:
                 hk.remove()
         return outs
 
+    def _targets(self, unit_name: str, unit: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Any, ModuleScheme]]:
+        """`{sub name: (weight [out, in], bias, scheme)}` of everything to quantize in `unit`: its linear layers and
+        the per-expert projections of its MoE blocks (`<block>.experts.<e>.<proj>`)."""
+        out = {sub: (mod.weight, mod.bias, scheme) for sub, (mod, scheme) in self._linears(unit_name, unit).items()}
+        for bsub, block in find_moe_blocks(unit).items():
+            experts = block.experts
+            names = [f"{bsub}.experts.{e}.{p}" for e in range(experts.gate_up_proj.shape[0]) for p in EXPERT_PROJS]
+            schemes = {n: self.scheme_of(f"{unit_name}.{n}") for n in names}
+            picked = [n for n in names if schemes[n] is not None]
+            if picked and len(picked) != len(names):
+                raise ValueError(f"{unit_name}.{bsub}.experts: quantize all experts of an MoE block or none "
+                                 f"(not quantized: {[n for n in names if schemes[n] is None][:3]}...)")
+            for n in picked:
+                _, e, proj = parse_expert_name(n)
+                out[n] = (expert_weight(experts, e, proj), None, schemes[n])
+        return out
+
+    def _new_stats(self, in_features: int, scheme: ModuleScheme, channel_score: torch.Tensor,
+                   unit_name: str) -> InputStats:
+        req = self.algorithm.stats_request(scheme)
+        topk = req.topk if req else 0
+        st = InputStats(in_features, gram=bool(req and req.gram),
+                        max_tokens=max(REPORT_TOKENS, req.max_tokens if req else 0), seed=self.seed,
+                        topk=topk, channel_score=channel_score if topk else None)
+        st.modality_ratio = self.unit_ratio.get(unit_name)
+        return st
+
+    def _moe_stats(self, unit_name: str, unit, targets) -> dict[str, dict[str, Any]]:
+        """Per MoE block with quantized experts: one InputStats per expert for the gate/up input (shared by both
+        projections) and one for the down_proj input, plus routing counts filled by the hooks."""
+        out = {}
+        for bsub, block in find_moe_blocks(unit).items():
+            if f"{bsub}.experts.0.gate_proj" not in targets:
+                continue
+            experts = block.experts
+            n_exp = experts.gate_up_proj.shape[0]
+            scheme = targets[f"{bsub}.experts.0.gate_proj"][2]
+            req = self.algorithm.stats_request(scheme)
+            gu = [self._new_stats(experts.gate_up_proj.shape[2], scheme,
+                                  experts.gate_up_proj[e].detach().float().abs().mean(0), unit_name)
+                  for e in range(n_exp)]
+            dn = [self._new_stats(experts.down_proj.shape[2], scheme,
+                                  experts.down_proj[e].detach().float().abs().mean(0), unit_name)
+                  for e in range(n_exp)]
+            out[bsub] = {"gate_up": gu, "down": dn, "affinity": bool(req and req.affinity),
+                         "n_text": torch.zeros(n_exp, dtype=torch.long), "n_vision": torch.zeros(n_exp, dtype=torch.long),
+                         "layer": torch.zeros(2, dtype=torch.long)}
+        return out
+
+    def _moe_hooks(self, unit, moe_stats, current) -> list:
+        """Hooks that stream each expert's routed tokens into its statistics. With `affinity` (VEQ-MA) every token
+        is weighted by its router probability p_j for that expert times α_j (γ for text tokens, 1 for vision)."""
+        hooks = []
+        for bsub, ms in moe_stats.items():
+            block = unit.get_submodule(bsub)
+
+            def gate_hook(mod, args, out, bsub=bsub):
+                current[f"probs:{bsub}"] = torch.softmax(out[0].float(), dim=-1)
+
+            def experts_hook(mod, args, kwargs, ms=ms, bsub=bsub):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                x = hidden.reshape(-1, hidden.shape[-1])
+                vision = current["mask"]
+                if vision.numel() != x.shape[0]:
+                    vision = torch.full((x.shape[0],), bool(vision.all()))
+                tw = current.get("weight")
+                tw = tw.float() if tw is not None and tw.numel() == x.shape[0] else torch.ones(x.shape[0])
+                probs = current[f"probs:{bsub}"]
+                ms["layer"] += torch.tensor([int((~vision).sum()), int(vision.sum())])
+                for e in range(len(ms["gate_up"])):
+                    tok = routed_tokens(index.reshape(x.shape[0], -1), e)
+                    if tok.numel() == 0:
+                        continue
+                    v = vision[tok]
+                    w = tw[tok]
+                    if ms["affinity"]:
+                        w = w * probs[tok, e] * torch.where(v, 1.0, self.gamma)
+                    ms["n_vision"][e] += int(v.sum())
+                    ms["n_text"][e] += int((~v).sum())
+                    xin, inter = expert_inputs(mod, e, x[tok])
+                    ms["gate_up"][e].update(xin, v, w)
+                    ms["down"][e].update(inter, v, w)
+
+            hooks.append(block.gate.register_forward_hook(gate_hook))
+            hooks.append(block.experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        return hooks
+
     def _calibrate_unit(self, unit_name, unit, calls, hiddens, masks) -> list[torch.Tensor]:
         t0 = time.perf_counter()
-        linears = self._linears(unit_name, unit)
-        if not linears:
+        targets = self._targets(unit_name, unit)
+        if not targets:
             return self._run_unit(unit, calls, hiddens, masks)
+        linears = {sub: (unit.get_submodule(sub), scheme) for sub, (_, _, scheme) in targets.items()
+                   if parse_expert_name(sub) is None}
         stats: dict[str, InputStats] = {}
         for sub, (mod, scheme) in linears.items():
-            req = self.algorithm.stats_request(scheme)
-            topk = req.topk if req else 0
-            stats[sub] = InputStats(mod.in_features, gram=bool(req and req.gram),
-                                    max_tokens=max(REPORT_TOKENS, req.max_tokens if req else 0), seed=self.seed,
-                                    topk=topk, channel_score=mod.weight.detach().float().abs().mean(0) if topk else None)
-            stats[sub].modality_ratio = self.unit_ratio.get(unit_name)
+            stats[sub] = self._new_stats(mod.in_features, scheme, mod.weight.detach().float().abs().mean(0),
+                                         unit_name)
+        moe_stats = self._moe_stats(unit_name, unit, targets)
         ptrs: dict[str, tuple] = {}
         fp_out = self._run_unit(unit, calls, hiddens, masks, stats, linears, ptrs,
-                                self.token_weights.get(unit_name))
+                                self.token_weights.get(unit_name), moe_stats)
         for st in stats.values():
             st.all_reduce()
         groups: dict[tuple, list[str]] = {}
         for sub in linears:
             groups.setdefault(ptrs.get(sub, (sub,)), []).append(sub)
-        self.report.groups.extend([[f"{unit_name}.{s}" for s in g] for g in groups.values()])
-        done = self._quantize_groups(unit_name, linears, stats, list(groups.values()))
+        group_list = list(groups.values()) + self._expert_groups(moe_stats, stats)
+        self.report.groups.extend([[f"{unit_name}.{s}" for s in g] for g in group_list])
+        done = self._quantize_groups(unit_name, targets, stats, group_list)
         for s, (q, err) in done.items():
-            mod, scheme = linears[s]
-            full = f"{unit_name}.{s}"
-            self.report.layers[full] = err
-            self.results[full] = q
-            self._replace(unit, s, q, mod.bias, scheme)
+            self.report.layers[f"{unit_name}.{s}"] = err
+            self.results[f"{unit_name}.{s}"] = q
+        self.install(unit_name, unit, {s: q for s, (q, _) in done.items()})
         out = self._run_unit(unit, calls, hiddens, masks) if self.propagate == "quantized" else fp_out
         self.report.blocks.append({"block": unit_name, "seconds": round(time.perf_counter() - t0, 3),
-                                   "peak_rss_mib": round(_max_rss_mib(), 1), "linears": len(linears)})
+                                   "peak_rss_mib": round(_max_rss_mib(), 1), "linears": len(targets)})
         return out
+
+    def _expert_groups(self, moe_stats, stats: dict[str, InputStats]) -> list[list[str]]:
+        """Register the experts' statistics under their target names and return their input groups: per expert
+        (gate, up) and (down); an algorithm with `shared_expert_scale` (VEQ-ME) gets all experts' gate/up as one
+        group (one smoothing vector searched over every expert's tokens)."""
+        groups: list[list[str]] = []
+        for bsub, ms in moe_stats.items():
+            layer_text, layer_vision = (int(v) for v in ms["layer"])
+            gate_up: list[str] = []
+            for e, (gu, dn) in enumerate(zip(ms["gate_up"], ms["down"])):
+                gu.all_reduce()
+                dn.all_reduce()
+                info = ExpertInfo(e, int(ms["n_text"][e]), int(ms["n_vision"][e]), layer_text, layer_vision,
+                                  self.gamma)
+                names = [f"{bsub}.experts.{e}.{p}" for p in EXPERT_PROJS]
+                for n in names:
+                    stats[n] = gu if not n.endswith("down_proj") else dn
+                gu.expert = dn.expert = info
+                gate_up.extend(names[:2])
+                groups.append([names[2]])
+                if not getattr(self.algorithm, "shared_expert_scale", False):
+                    groups.append(names[:2])
+            if getattr(self.algorithm, "shared_expert_scale", False):
+                groups.append(gate_up)
+        return groups
+
+    def install(self, unit_name: str, unit: torch.nn.Module, quantized: dict[str, QuantizedLinear]) -> None:
+        """Swap the quantized modules of `unit` (`{sub name: QuantizedLinear}`) for their fake-quant twins: linears
+        one by one, MoE experts a whole block at a time."""
+        blocks: dict[str, dict[int, dict[str, QuantizedLinear]]] = {}
+        for sub, q in quantized.items():
+            parsed = parse_expert_name(sub)
+            if parsed is None:
+                lin = unit.get_submodule(sub)
+                self._replace(unit, sub, q, lin.bias, self.scheme_of(f"{unit_name}.{sub}"))
+            else:
+                path, e, proj = parsed
+                blocks.setdefault(path, {}).setdefault(e, {})[proj] = q
+        for path, per_expert in blocks.items():
+            experts = unit.get_submodule(path)
+            parent, _, child = path.rpartition(".")
+            setattr(unit.get_submodule(parent) if parent else unit, child,
+                    FakeQuantExperts([per_expert[e] for e in range(len(per_expert))], experts.act_fn))
 
     @staticmethod
     def _replace(unit: torch.nn.Module, sub: str, q: QuantizedLinear, bias, scheme: ModuleScheme) -> None:
@@ -211,7 +353,7 @@ class LayerwiseDriver:
         setattr(unit.get_submodule(parent_name) if parent_name else unit, child,
                 FakeQuantLinear(q, None if bias is None else bias.detach(), act))
 
-    def _quantize_groups(self, unit_name, linears, stats, groups) -> dict[str, tuple[QuantizedLinear, float]]:
+    def _quantize_groups(self, unit_name, targets, stats, groups) -> dict[str, tuple[QuantizedLinear, float | None]]:
         """Quantize every input group; under torch.distributed, group j is done by rank j % world and the
         results are exchanged, so every rank ends with all of them."""
         rank, world = _dist_rank_world()
@@ -219,14 +361,17 @@ class LayerwiseDriver:
         for j, subs in enumerate(groups):
             if j % world != rank:
                 continue
-            targets = [LinearTarget(f"{unit_name}.{s}", linears[s][0].weight.detach().float(),
-                                    None if linears[s][0].bias is None else linears[s][0].bias.detach(),
-                                    stats[s], linears[s][1]) for s in subs]
-            results = self.algorithm.quantize_group(targets)
-            for s, tgt in zip(subs, targets):
+            group = [LinearTarget(f"{unit_name}.{s}", targets[s][0].detach().float(),
+                                  None if targets[s][1] is None else targets[s][1].detach(),
+                                  stats[s], targets[s][2]) for s in subs]
+            results = self.algorithm.quantize_group(group)
+            for s, tgt in zip(subs, group):
                 q = results[tgt.name]
                 act = tgt.scheme.activation.bits if tgt.scheme.activation else None
                 x = stats[s].sample
+                if x is None or len(x) == 0:  # an MoE expert no calibration token was routed to
+                    mine[s] = (q, None)
+                    continue
                 y_ref = torch.nn.functional.linear(x, tgt.weight, tgt.bias)
                 y_q = FakeQuantLinear(q, tgt.bias, act)(x)
                 mine[s] = (q, float((y_q - y_ref).norm() / y_ref.norm().clamp(min=1e-12)))
@@ -317,13 +462,14 @@ class CalibrationState:
         for unit_file in prog["unit_files"]:
             t = load_file(str(self.folder / unit_file))
             mods = sorted({k.rpartition(".")[0] for k in t})
+            per_unit: dict[str, dict[str, QuantizedLinear]] = {}
             for full, suffixes in group_module_tensors(set(t), mods).items():
-                scheme = self.scheme_of(full)
-                q = QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()}, scheme)
+                q = QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()}, self.scheme_of(full))
                 driver.results[full] = q
-                lin = driver.model.get_submodule(full)
                 unit_name = prog["unit_of"][full]
-                driver._replace(driver.model.get_submodule(unit_name), full[len(unit_name) + 1:], q, lin.bias, scheme)
+                per_unit.setdefault(unit_name, {})[full[len(unit_name) + 1:]] = q
+            for unit_name, qs in per_unit.items():
+                driver.install(unit_name, driver.model.get_submodule(unit_name), qs)
         driver.report.layers.update(prog["layer_errors"])
         hidden = None
         rank, _ = _dist_rank_world()

@@ -16,7 +16,7 @@ CHAINS: dict[str, tuple[str, str, str]] = {
     "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
     "llava": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
               "model.language_model.layers"),
-    # MoE: attention and vision are quantized; the fused 3-D experts are not yet (no MoE method in the plugin).
+    # MoE: the fused 3-D experts are quantized per expert (calibration/moe.py).
     "qwen3_vl_moe": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
 }
 
@@ -55,6 +55,26 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
         if len(keys) != 1 or not keys[0].endswith(".weight"):
             raise ValueError(f"cannot map module {n} to a checkpoint tensor name (got {keys})")
         out[n] = keys[0][: -len(".weight")]
+    return out
+
+
+def expert_checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Per-expert module name in memory (`<experts>.<e>.<proj>`) -> its name in the checkpoint: the fused
+    experts' checkpoint prefix + `.<e>.<proj>` (the fused tensors are replaced by per-expert modules)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from vllm_qe.calibration.moe import expert_module_names, is_fused_experts
+
+    out = {}
+    for path, mod in model.named_modules():
+        if not is_fused_experts(mod):
+            continue
+        keys = list(revert_weight_conversion(model, {f"{path}.gate_up_proj": torch.zeros(1, 1, 1)}).keys())
+        if len(keys) != 1 or not keys[0].endswith(".gate_up_proj"):
+            raise ValueError(f"cannot map experts {path} to a checkpoint tensor name (got {keys})")
+        disk = keys[0][: -len(".gate_up_proj")]
+        n = mod.gate_up_proj.shape[0]
+        out.update(zip(expert_module_names(path, n), expert_module_names(disk, n)))
     return out
 
 

@@ -35,6 +35,7 @@ class InputStats:
     pick_text: torch.Tensor | None = None  # [in] float64 pick counts over text tokens
     cooc: torch.Tensor | None = None  # [in, in] float64 co-occurrence counts of important channels
     modality_ratio: float | None = None  # MBQ: g_vision / g_text of the block this layer sits in
+    expert: object | None = None  # MoE: `moe.ExpertInfo` of the expert these inputs were routed to
     _seen: int = field(default=0, repr=False)
 
     def update(self, x: torch.Tensor, vision: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -104,21 +105,25 @@ class InputStats:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
 
-        def total(t: torch.Tensor | None, op=dist.ReduceOp.SUM) -> torch.Tensor | None:
-            if t is None:
-                return None
+        def total(t: torch.Tensor | None, op=dist.ReduceOp.SUM, shape: tuple[int, ...] | None = None,
+                  dtype=torch.float64) -> torch.Tensor | None:
+            if t is None:  # this rank saw no tokens (an MoE expert): contribute zeros where others may not
+                if shape is None:
+                    return None
+                t = torch.zeros(shape, dtype=dtype)
             t = t.clone()
             dist.all_reduce(t, op=op)
             return t
 
         counts = total(torch.tensor([self.n_tokens, self.n_vision, self.weight_sum], dtype=torch.float64))
         self.n_tokens, self.n_vision, self.weight_sum = int(counts[0]), int(counts[1]), float(counts[2])
-        self.abs_sum = total(self.abs_sum)
-        self.abs_max = total(self.abs_max, dist.ReduceOp.MAX)
-        self.xtx = total(self.xtx)
-        self.cooc = total(self.cooc)
-        self.pick_vision = total(self.pick_vision)
-        self.pick_text = total(self.pick_text)
+        n = self.in_features
+        self.abs_sum = total(self.abs_sum, shape=(n,))
+        self.abs_max = total(self.abs_max, dist.ReduceOp.MAX, shape=(n,), dtype=torch.float32)
+        self.xtx = total(self.xtx, shape=(n, n) if self.gram else None)
+        self.cooc = total(self.cooc, shape=(n, n) if self.topk else None)
+        self.pick_vision = total(self.pick_vision, shape=(n,) if self.topk else None)
+        self.pick_text = total(self.pick_text, shape=(n,) if self.topk else None)
         if self.max_tokens:
             parts: list = [None] * dist.get_world_size()
             dist.all_gather_object(parts, (self.sample, self.sample_vision, self.sample_weight))
@@ -126,13 +131,23 @@ class InputStats:
             self.sample_vision = torch.cat([p[1] for p in parts])[: self.max_tokens]
             self.sample_weight = torch.cat([p[2] for p in parts])[: self.max_tokens]
 
+    def ensure_channel_counts(self) -> None:
+        """Zero top-k counts for a layer that saw no tokens (an MoE expert nobody was routed to)."""
+        if self.cooc is None:
+            self.cooc = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+            self.pick_vision = torch.zeros(self.in_features, dtype=torch.float64)
+            self.pick_text = torch.zeros(self.in_features, dtype=torch.float64)
+
     @property
     def abs_mean(self) -> torch.Tensor:
         """`[in]` float32 mean |x| per channel."""
         return (self.abs_sum / max(self.n_tokens, 1)).float()
 
     def hessian(self) -> torch.Tensor:
-        """`[in, in]` float64 `E[x xᵀ]` (token-weighted when weights were given)."""
+        """`[in, in]` float64 `E[x xᵀ]` (token-weighted when weights were given). An MoE expert that no
+        calibration token was routed to gets the identity (GPTQ then reduces to round-to-nearest)."""
+        if self.xtx is None and self.gram and self.n_tokens == 0:
+            return torch.eye(self.in_features, dtype=torch.float64)
         if self.xtx is None:
             raise ValueError("Gram statistics were not collected for this layer")
         return self.xtx / max(self.weight_sum, 1e-12)

@@ -84,3 +84,74 @@ def qe_linear_packed(
 def _(x, packed, scale, zero, bits, group_size, bias, smooth, act_bits, out_splits, shared_a, shared_b, routed_a,
       routed_b, expert_ids, act_absmax=None):
     return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _pair(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if a is None else (a, b)
+
+
+@torch.library.custom_op("vllm_qe::qe_fused_moe", mutates_args=())
+def qe_fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    a13: torch.Tensor | None,
+    b13: torch.Tensor | None,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+) -> torch.Tensor:
+    """SwiGLU MoE on dequantized experts `w13` `[E, 2I, H]`, `w2` `[E, H, I]` with per-expert shared adapters
+    (`a13` `[E, r13, H]`, `b13` `[E, 2I, r13]`, `a2` `[E, r2, I]`, `b2` `[E, H, r2]`). See `reference.fused_moe`."""
+    return reference.fused_moe(x, w13, w2, topk_ids, topk_weights, _pair(a13, b13), _pair(a2, b2))
+
+
+@qe_fused_moe.register_fake
+def _(x, w13, w2, topk_ids, topk_weights, a13, b13, a2, b2):
+    return x.new_empty(x.shape[0], w2.shape[1])
+
+
+@torch.library.custom_op("vllm_qe::qe_fused_moe_packed", mutates_args=())
+def qe_fused_moe_packed(
+    x: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w13_zero: torch.Tensor | None,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w2_zero: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    a13: torch.Tensor | None,
+    b13: torch.Tensor | None,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    smooth13: torch.Tensor | None,
+    smooth2: torch.Tensor | None,
+) -> torch.Tensor:
+    """The MoE op from the checkpoint's packed layout (`[E, N, words]`): Triton's grouped kernel on CUDA; on CPU it
+    dequantizes and calls the reference (the oracle of the Triton path). `smooth13` `[E, H]`, `smooth2` `[E, I]`:
+    per-expert smoothing (inputs divided by it)."""
+    if use_triton(x):
+        from vllm_qe.kernels.triton.moe import fused_moe_qe
+
+        return fused_moe_qe(x, (w13_packed, w13_scale, w13_zero), (w2_packed, w2_scale, w2_zero), bits, group_size,
+                            topk_ids, topk_weights, _pair(a13, b13), _pair(a2, b2), smooth13=smooth13,
+                            smooth2=smooth2)
+    H, ip = x.shape[1], w13_packed.shape[1] // 2
+    w13 = torch.stack([dequantize_packed(w13_packed[e], w13_scale[e], None if w13_zero is None else w13_zero[e], bits,
+                                         group_size, H) for e in range(w13_packed.shape[0])])
+    w2 = torch.stack([dequantize_packed(w2_packed[e], w2_scale[e], None if w2_zero is None else w2_zero[e], bits,
+                                        group_size, ip) for e in range(w2_packed.shape[0])])
+    if smooth13 is not None:
+        w13, w2 = w13 / smooth13[:, None, :].float(), w2 / smooth2[:, None, :].float()
+    return reference.fused_moe(x, w13, w2, topk_ids, topk_weights, _pair(a13, b13), _pair(a2, b2))
+
+
+@qe_fused_moe_packed.register_fake
+def _(x, w13_packed, w13_scale, w13_zero, w2_packed, w2_scale, w2_zero, bits, group_size, topk_ids, topk_weights,
+      a13, b13, a2, b2, smooth13, smooth2):
+    return x.new_empty(x.shape[0], w2_packed.shape[1])

@@ -24,6 +24,7 @@ class StatsRequest:
     gram: bool = False
     max_tokens: int = 0
     topk: int = 0  # QE: count each token's `topk` most important channels (|x| * mean_row |W|)
+    affinity: bool = False  # VEQ-MA: weight MoE experts' tokens by router probability x modality factor
 
 
 @dataclass

@@ -7,7 +7,7 @@ Pure functions on tensors; the evidence tags ([S] secondary notes, [I] our infer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class QEParams:
     num_routed: int = 8  # N_r [S]
     shared_rank: int = 32  # r_s [S]
     routed_rank: int = 32  # r_r [S]
-    base: str = "auto"  # rtn | gptq | smoothquant | awq | auto (smoothquant with act quant, else rtn)
+    base: str = "auto"  # rtn | gptq | veq | smoothquant | awq | auto (smoothquant with act quant, else rtn)
     alpha: float = 0.5  # SmoothQuant migration strength
     exempt_shared: bool = True  # C_s columns exempt from direct quantization [S]
     mix: float = 0.1  # weight of the global Gram matrix in each routed expert's fit (regulariser) [I]
@@ -36,6 +36,8 @@ class QEParams:
     refine_lr: float = 1e-4
     refine_seconds: float = 30.0  # wall-clock bound per layer
     seed: int = 0
+    expert_rank: int = 8  # MoE experts: one shared low-rank expert of this rank per expert projection [I]
+    gamma: float = 1.0  # only read by the calibration API when no gradient pass gives γ
 
 
 def channel_split(stats: InputStats, k: int, num_routed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +107,13 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
     """Quantize one linear layer and fit its shared expert, routed experts and router.
 
     `weight` `[out, in]`; `stats` with Gram, reservoir and top-k co-occurrence; `smooth` `[in]` or None.
-    Returns a QuantizedLinear whose adapters are zero-padded to the configured ranks."""
+    Ranks come from `scheme.adapters` (MoE experts carry a shared expert only). Returns a QuantizedLinear whose
+    adapters are zero-padded to those ranks."""
+    a = scheme.adapters
+    p = replace(p, shared_rank=a.shared_rank, num_routed=a.num_routed, routed_rank=a.routed_rank or p.routed_rank)
     w = weight.float()
     out_f, in_f = w.shape
+    stats.ensure_channel_counts()
     k = max(1, min(p.k, in_f // 8))
     cs, cr = channel_split(stats, k, p.num_routed)
     exempt = None
@@ -124,9 +130,11 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
         w_hat = w_hat / smooth
     err = w - w_hat  # what the adapters (reading the unsmoothed x) must add back
 
-    a_s, b_s = whitened_svd(err, h, p.shared_rank)  # [S] shared expert: whitening SVD
-    q.shared_a, q.shared_b = pad_rank(a_s, b_s, p.shared_rank)
-    resid = err - b_s @ a_s
+    resid = err
+    if p.shared_rank:
+        a_s, b_s = whitened_svd(err, h, p.shared_rank)  # [S] shared expert: whitening SVD
+        q.shared_a, q.shared_b = pad_rank(a_s, b_s, p.shared_rank)
+        resid = err - b_s @ a_s
 
     if p.num_routed:
         n_groups = min(p.num_routed, max(1, len(cr)))
@@ -224,12 +232,14 @@ class QuantExperts(Algorithm):
         self.p = QEParams(**params)
         self.adapter_scheme = AdapterScheme(self.p.shared_rank, self.p.num_routed,
                                             self.p.routed_rank if self.p.num_routed else 0)
+        self.expert_adapter_scheme = AdapterScheme(self.p.expert_rank)
+        self.needs_gradients = self.p.base == "veq"  # γ of the affinity Hessian
 
     def uses_smoothing(self, act_quantized: bool) -> bool:
         return self.p.base in ("smoothquant", "awq") or (self.p.base == "auto" and act_quantized)
 
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
-        return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k)
+        return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k, affinity=self.p.base == "veq")
 
     def _base(self, scheme: ModuleScheme) -> tuple[str, str]:
         """(smoothing, quantizer): `auto` smooths (SmoothQuant) only when activations are quantized."""
@@ -238,6 +248,8 @@ class QuantExperts(Algorithm):
             return ("smoothquant", "rtn") if scheme.activation is not None else ("none", "rtn")
         if b in ("smoothquant", "awq"):
             return b, "rtn"
+        if b == "veq":  # VEQ-MA: GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)
+            return "none", "gptq"
         return "none", b
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:

@@ -5,16 +5,18 @@
   smoothing-scale search shared by all experts (they read the same normalised input);
 - VEQ-MA [S]: per expert, GPTQ on the affinity Hessian H̃ = X·diag(p_j·α_j)·Xᵀ, p_j the router probability of
   token j for that expert and α_j = γ for text tokens, 1 for vision tokens.
-The MoE path of the driver and the plugin's MoE method are not built yet; these functions are the algorithmic
-core, unit-tested on synthetic layers.
+The driver streams each expert's routed tokens (weighted by p_j·α_j when an algorithm asks for `affinity`) and
+hands `VEQ` the experts as linear targets whose statistics carry `ExpertInfo` (counts per modality, γ).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
-from vllm_qe.calibration.algorithms.smoothing import grid_scale, quantized_output
+from vllm_qe.calibration.algorithms.rtn import rtn_quantize
+from vllm_qe.calibration.algorithms.smoothing import grid_scale, quantized_output, scale_search
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme, WeightScheme
 
@@ -60,3 +62,64 @@ def veq_me_scales(xs: list[torch.Tensor], weights: list[torch.Tensor], importanc
         if total < best:
             best, best_s = total, s
     return best_s
+
+
+SEARCH_TOKENS = 1024
+MODES = ("ma", "me", "me+ma")
+
+
+@register
+class VEQ(Algorithm):
+    """VEQ. `mode`: "ma" (affinity-weighted GPTQ Hessian, default: the paper's better variant), "me" (expert-
+    importance-weighted AWQ scale search shared by all experts' gate/up, then RTN) or "me+ma" (both: the shared
+    scales, then GPTQ on the affinity Hessian of the scaled weights; the paper reports the two only separately).
+    Layers outside MoE blocks get the same base method without expert weighting (GPTQ and/or AWQ). γ comes from
+    the driver's gradient pass; β = T_text / T_vision of each MoE layer."""
+
+    name = "veq"
+    needs_gradients = True
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.mode = str(params.get("mode", "ma"))
+        if self.mode not in MODES:
+            raise ValueError(f"veq: mode must be one of {MODES}, got {self.mode!r}")
+        self.shared_expert_scale = "me" in self.mode
+
+    def uses_smoothing(self, act_quantized: bool) -> bool:
+        return "me" in self.mode
+
+    def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
+        return StatsRequest(gram="ma" in self.mode, max_tokens=SEARCH_TOKENS if "me" in self.mode else 0,
+                            affinity="ma" in self.mode)
+
+    def _scales(self, targets: list[LinearTarget]) -> torch.Tensor:
+        experts = [t.stats.expert for t in targets]
+        if len(targets) > 1 and all(e is not None for e in experts):  # all experts' gate/up: VEQ-ME
+            info = experts[0]
+            _, beta = modality_factors(info.gamma, 1.0, info.layer_text, info.layer_vision)
+            importance = torch.tensor([float(expert_importance(torch.tensor([e.n_text]), torch.tensor([e.n_vision]),
+                                                               e.gamma, beta)[0]) for e in experts])
+            xs = [t.stats.sample if t.stats.sample is not None else torch.zeros(0, t.weight.shape[1])
+                  for t in targets]
+            return veq_me_scales(xs, [t.weight for t in targets], importance, targets[0].scheme)
+        st = targets[0].stats
+        if st.sample is None or len(st.sample) == 0:
+            return torch.ones(targets[0].weight.shape[1])
+        s, _ = scale_search(st.sample, [t.weight for t in targets], targets[0].scheme)
+        return s
+
+    def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
+        s = self._scales(targets) if "me" in self.mode else None
+        out = {}
+        for t in targets:
+            if "ma" in self.mode:
+                h = t.stats.hessian()
+                if s is not None:
+                    h = h / torch.outer(s.double(), s.double())  # the GPTQ inputs are x / s
+                q = gptq_quantize(t.weight if s is None else t.weight * s, h, t.scheme.weight)
+                q.smooth = s
+            else:
+                q = rtn_quantize(t.weight, t.scheme.weight, smooth=s)
+            out[t.name] = q
+        return out

@@ -67,24 +67,30 @@ def moe_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
 def fused_moe_qe(
     x: torch.Tensor, w13: tuple, w2: tuple, bits: int, group_size: int | tuple[int, int], topk_ids: torch.Tensor,
     topk_weights: torch.Tensor, adapters13: tuple | None = None, adapters2: tuple | None = None,
-    block_m: int = 16,
+    block_m: int = 16, smooth13: torch.Tensor | None = None, smooth2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwiGLU MoE: `x` `[T, H]`; `w13` = (packed `[E, 2I, P]`, scale, zero|None) with gate rows first; `w2` =
     (packed `[E, H, P']`, ...); `topk_ids`/`topk_weights` `[T, k]`; adapters = (A `[E, r, in]`, B `[E, out, r]`)
-    per expert (QE's shared expert of each MoE expert) or None; `group_size` may differ per GEMM (w13, w2).
-    Returns `[T, H]` in x.dtype."""
+    per expert (QE's shared expert of each MoE expert) or None; `group_size` may differ per GEMM (w13, w2);
+    `smooth13` `[E, H]` / `smooth2` `[E, I]`: per-expert smoothing, the GEMM (not the adapters) reads `x / s`
+    (rows are then materialised per (token, slot)). Returns `[T, H]` in x.dtype."""
     gs13, gs2 = group_size if isinstance(group_size, tuple) else (group_size, group_size)
     T, k = topk_ids.shape
     E = w13[0].shape[0]
     rows = T * k
     row_expert = topk_ids.reshape(-1)
     sorted_rows, bexp = align_tokens(row_expert, E, block_m)
-    h = moe_gemm(x, *w13, bits, gs13, sorted_rows, bexp, rows, k, block_m)
+    if smooth13 is None:
+        h = moe_gemm(x, *w13, bits, gs13, sorted_rows, bexp, rows, k, block_m)
+    else:
+        xs = (x.repeat_interleave(k, dim=0).float() / smooth13[row_expert].float()).to(x.dtype)
+        h = moe_gemm(xs, *w13, bits, gs13, sorted_rows, bexp, rows, 1, block_m)
     if adapters13 is not None:
         lowrank_add_(h, x.repeat_interleave(k, dim=0), adapters13[0], adapters13[1], row_expert, block_m=block_m)
     inter = h.shape[1] // 2
     act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
-    o = moe_gemm(act, *w2, bits, gs2, sorted_rows, bexp, rows, 1, block_m)
+    act_in = act if smooth2 is None else (act.float() / smooth2[row_expert].float()).to(x.dtype)
+    o = moe_gemm(act_in, *w2, bits, gs2, sorted_rows, bexp, rows, 1, block_m)
     if adapters2 is not None:
         lowrank_add_(o, act, adapters2[0], adapters2[1], row_expert, block_m=block_m)
     return (o.view(T, k, -1) * topk_weights.unsqueeze(-1).float()).sum(1).to(x.dtype)

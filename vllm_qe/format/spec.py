@@ -20,6 +20,12 @@ QUANT_METHOD = "quant_experts"
 FORMAT_VERSION = 1
 
 
+# MoE experts are written per expert as linear modules `<experts>.<e>.{gate,up,down}_proj` (the per-expert naming
+# of compressed-tensors and of vLLM's expert weight loader); this override key gives them their own scheme.
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_OVERRIDE = r"re:.*\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
+
+
 class FormatError(ValueError):
     """A checkpoint or config does not follow the format; the message names the field/module/tensor."""
 
@@ -147,6 +153,11 @@ class QEConfig:
             self.activation.validate(f"{where}.activation")
         self.adapters.validate(f"{where}.adapters")
         for name, ov in self.overrides.items():
+            if name.startswith("re:"):
+                try:
+                    re.compile(name[3:])
+                except re.error as e:
+                    raise FormatError(f"{where}.overrides[{name!r}]: invalid regular expression ({e})") from e
             self.module_scheme(name).weight.validate(f"{where}.overrides[{name!r}].weight")
             bad = sorted(set(ov) - {"weight", "activation", "adapters", "smooth"})
             if bad:
@@ -157,9 +168,18 @@ class QEConfig:
         """True when `name` matches the ignore list (exact name, or `re:` regular expression)."""
         return matches_any(name, self.ignore)
 
+    def override_of(self, name: str) -> dict[str, Any]:
+        """The override of module `name`: its exact entry, else the first `re:` entry that fully matches it."""
+        if name in self.overrides:
+            return self.overrides[name]
+        for key, ov in self.overrides.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], name):
+                return ov
+        return {}
+
     def module_scheme(self, name: str) -> ModuleScheme:
         """The scheme of module `name` after applying its override, if any."""
-        ov = self.overrides.get(name, {})
+        ov = self.override_of(name)
         weight = replace(self.weight, **ov["weight"]) if "weight" in ov else self.weight
         if "activation" in ov:
             act = None if ov["activation"] is None else _parse(

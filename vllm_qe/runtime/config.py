@@ -93,4 +93,29 @@ class QuantExpertsConfig(QuantizationConfig):
 
             schemes = [self.qe.module_scheme(m) for m in modules]
             return QELinearMethod(self, prefix, [self.vllm_to_ckpt[m] for m in modules], schemes)
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+        if isinstance(layer, RoutedExperts):
+            return self._moe_method(layer, prefix)
         return None
+
+    def _moe_method(self, layer, prefix: str) -> QuantizeMethodBase:
+        """`QEMoEMethod` when the checkpoint has every expert of `prefix` as per-expert modules, vLLM's unquantized
+        method when it has none of them; a partial set is an error."""
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+        from vllm_qe.format.spec import EXPERT_PROJS
+        from vllm_qe.runtime.moe import QEMoEMethod
+
+        names = [f"{prefix}.{e}.{p}" for e in range(layer.global_num_experts) for p in EXPERT_PROJS]
+        present = [n for n in names if n in self.quantized]
+        if not present:
+            return UnquantizedFusedMoEMethod(layer.moe_config)
+        if len(present) != len(names):
+            missing = sorted(set(names) - set(present))
+            raise FormatError(f"{prefix}: the checkpoint quantizes only some experts (missing {missing[:3]}...)")
+        schemes = {self.qe.module_scheme(n) for n in names}
+        if len(schemes) != 1:
+            raise FormatError(f"{prefix}: experts have different schemes; vLLM runs them as one fused layer")
+        ckpt = self.vllm_to_ckpt[names[0]].rsplit(".", 2)[0]
+        return QEMoEMethod(layer.moe_config, prefix, ckpt, schemes.pop())
