@@ -111,14 +111,33 @@ class LayerwiseDriver:
 
     # -- capture ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _capture(self, chain: Chain, samples: list[dict[str, torch.Tensor]]) -> list[list[tuple[tuple, dict]]]:
-        """Per unit, per sample: the (args, kwargs) the unit was called with in the current model."""
+    def _capture(self, chain: Chain, samples: list[dict[str, torch.Tensor]]
+                 ) -> tuple[list[list[tuple[tuple, dict]]], list[list[torch.Tensor | None]]]:
+        """Per unit, per sample: the (args, kwargs) the unit was called with in the current model, and the
+        difference between its input and the previous unit's output (None when the model passes the output on
+        unchanged; Qwen3-VL adds its deepstack visual features between language layers). Only the first unit
+        keeps its hidden-state input, so the capture holds one hidden state per sample whatever the depth."""
         calls: list[list[tuple[tuple, dict]]] = [[] for _ in chain.units]
+        deltas: list[list[torch.Tensor | None]] = [[] for _ in chain.units]
+        last_out: dict[int, torch.Tensor] = {}
         hooks = []
         for i, (_, unit) in enumerate(chain.units):
             def pre(mod, args, kwargs, i=i):
-                calls[i].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+                args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+                hidden = _hidden_of(args, kwargs)
+                if i == 0:
+                    calls[i].append((args, dict(kwargs)))
+                    return
+                prev = last_out.pop(i - 1)
+                same = hidden is prev or (hidden.shape == prev.shape and torch.equal(hidden, prev))
+                deltas[i].append(None if same else (hidden - prev).detach())
+                calls[i].append(_with_hidden(args, dict(kwargs), None))
+
+            def post(mod, args, out, i=i):
+                last_out[i] = _first(out).detach()
+
             hooks.append(unit.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(unit.register_forward_hook(post))
 
         def stop(mod, args, out):
             raise _StopForward
@@ -128,13 +147,14 @@ class LayerwiseDriver:
             for s in samples:
                 with contextlib.suppress(_StopForward):
                     self.model(**s)
+                last_out.clear()
         finally:
             for h in hooks:
                 h.remove()
         for i, (name, _) in enumerate(chain.units):
             if len(calls[i]) != len(samples):
                 raise RuntimeError(f"{name}: called {len(calls[i])} times for {len(samples)} samples")
-        return calls
+        return calls, deltas
 
     # -- one unit -----------------------------------------------------------------------------------------------
     def _linears(self, unit_name: str, unit: torch.nn.Module) -> dict[str, tuple[torch.nn.Linear, ModuleScheme]]:
@@ -402,7 +422,7 @@ class LayerwiseDriver:
             if index + len(chain.units) <= resume_at:
                 index += len(chain.units)
                 continue
-            calls = self._capture(chain, samples)
+            calls, deltas = self._capture(chain, samples)
             masks = [masks_of(chain, s) for s in samples]
             hiddens = [_hidden_of(a, k) for a, k in calls[0]]
             for i, (name, unit) in enumerate(chain.units):
@@ -411,9 +431,11 @@ class LayerwiseDriver:
                     if index == resume_at and saved_hidden is not None:
                         hiddens = saved_hidden
                     continue
+                if i > 0:  # the model's own between-block additions (zero for plain stacks)
+                    hiddens = [h if d is None else h + d for h, d in zip(hiddens, deltas[i])]
                 bar.set_postfix_str(name)
                 hiddens = self._calibrate_unit(name, unit, calls[i], hiddens, masks)
-                calls[i] = []  # free this block's cached inputs
+                calls[i], deltas[i] = [], []  # free this block's cached inputs
                 index += 1
                 if state is not None:
                     state.save(self, index, name, hiddens, last_in_chain=i == len(chain.units) - 1)

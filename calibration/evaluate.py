@@ -61,15 +61,18 @@ def evaluate(fp_model, q_model, processor, n: int = 200, seed: int = EVAL_SEED, 
 
 @torch.no_grad()
 def layer_snr(fp_model, q_model, processor, samples) -> dict[str, float]:
-    """SNR (dB) of each quantized linear's output against the FP linear, both fed the FP model's input."""
-    fq = {n: m for n, m in q_model.named_modules() if isinstance(m, FakeQuantLinear)}
+    """SNR (dB) of each quantized linear's output against the FP linear, both fed the FP model's input; MoE
+    experts as one entry per layer (`<...>.experts`: the routed, router-weighted sum over its experts)."""
+    from vllm_qe.calibration.moe import FakeQuantExperts
+
+    fq = {n: m for n, m in q_model.named_modules() if isinstance(m, (FakeQuantLinear, FakeQuantExperts))}
     sig: dict[str, float] = {}
     noise: dict[str, float] = {}
     hooks = []
     for name, mod in fp_model.named_modules():
-        if name in fq and isinstance(mod, torch.nn.Linear):
+        if name in fq and not isinstance(mod, (FakeQuantLinear, FakeQuantExperts)):
             def hook(m, inp, out, name=name):
-                y_q = fq[name](inp[0])
+                y_q = fq[name](*inp)
                 sig[name] = sig.get(name, 0.0) + float(out.double().pow(2).sum())
                 noise[name] = noise.get(name, 0.0) + float((out - y_q).double().pow(2).sum())
             hooks.append(mod.register_forward_hook(hook))

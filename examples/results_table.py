@@ -1,9 +1,12 @@
-"""The accuracy table: every method x {W4A16, W3A16, W4A8, W4A6, W8A8} on the trained VQA model.
+"""The accuracy tables: every method x {W4A16, W3A16, W4A8, W4A6, W8A8} on the trained VQA model (dense), and
+RTN / GPTQ / VEQ / VEQ+QE x {W4A16, W3A16} on the trained MoE model (`--table moe`).
 
     python examples/results_table.py [--model runs/vqa-qwen2vl] [--eval-samples 500] [--calib-samples 64]
+    python examples/results_table.py --table moe          (model runs/vqa-qwen3vlmoe)
 
 Trains the model first if it is missing (examples/train_vqa.py). Writes docs/results.json, docs/results.md,
-docs/results.png and the table between the RESULTS markers of README.md. Calibration data: the generated VQA
+docs/results.png and the table between the RESULTS markers of README.md (MoE: docs/results-moe.{json,md} and the
+MOE-RESULTS markers). Calibration data: the generated VQA
 "calib" split (seed 0); evaluation: the held-out "test" split (seed 7, digit images disjoint from training).
 """
 
@@ -18,8 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (method, params); adapters: per-token rank 8 for LQER and QE (QE: 4 shared + 4 routed of 4 experts).
-METHODS: dict[str, tuple[str, dict]] = {
+# name -> (method, params[, other CalibrationConfig fields]); adapters: per-token rank 8 for LQER and QE (QE: 4
+# shared + 4 routed of 4 experts). TLQ = GPTQ on the token-importance-weighted Hessian (gradnorm, the default).
+QE_R44 = {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4}
+METHODS: dict[str, tuple] = {
     "RTN": ("rtn", {}),
     "SmoothQuant": ("smoothquant", {}),
     "AWQ": ("awq", {}),
@@ -27,7 +32,25 @@ METHODS: dict[str, tuple[str, dict]] = {
     "MBQ": ("mbq", {}),
     "LQER (r=8)": ("lqer", {"rank": 8}),
     "QE (r=4+4)": ("qe", {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4}),
-    "QE+GPTQ (r=4+4)": ("qe", {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4, "base": "gptq"}),
+    "QE+GPTQ (r=4+4)": ("qe", {**QE_R44, "base": "gptq"}),
+    "TLQ": ("gptq", {}, {"token_importance": "gradnorm"}),
+    "TLQ+QE (r=4+4)": ("qe", {**QE_R44, "base": "gptq"}, {"token_importance": "gradnorm"}),
+}
+# The MoE table (tiny Qwen3-VL-MoE, 8 experts, top-2): experts are weight-only; QE adds a rank-8 shared expert
+# per expert projection (and QE's r=4+4 on attention / vision layers).
+MOE_METHODS: dict[str, tuple] = {
+    "RTN": ("rtn", {}),
+    "GPTQ": ("gptq", {}),
+    "VEQ-MA": ("veq", {"mode": "ma"}),
+    "VEQ-ME": ("veq", {"mode": "me"}),
+    "VEQ-ME+MA": ("veq", {"mode": "me+ma"}),
+    "VEQ+QE": ("qe", {**QE_R44, "base": "veq", "expert_rank": 8}),
+}
+# group 128 (VEQ's setting [I]; one group per row of these 128/96-wide experts): at group 32 no method moves this
+# model's accuracy, so the table would not separate them.
+MOE_SETTINGS: dict[str, tuple[int, int | None, int, bool]] = {
+    "W4A16 g128": (4, None, 128, False),
+    "W3A16 g128": (3, None, 128, False),
 }
 # setting -> (wbits, abits, group_size, symmetric). Weight-only: group-wise asymmetric (group 32 on this
 # 128-wide model); W+A: per-channel symmetric weights, per-token symmetric activations (MBQ's convention).
@@ -45,9 +68,9 @@ def adapter_cost(ckpt: Path) -> tuple[float, float]:
     from vllm_qe.format.checkpoint import inspect_checkpoint
 
     s = inspect_checkpoint(ckpt)
-    a = s.config.adapters
     base_flops = extra_flops = 0
-    for out_f, in_f in s.modules.values():
+    for name, (out_f, in_f) in s.modules.items():
+        a = s.config.module_scheme(name).adapters  # MoE experts: their own (shared-only) adapters
         base_flops += 2 * out_f * in_f
         extra_flops += 2 * a.shared_rank * (in_f + out_f)
         if a.num_routed:
@@ -57,13 +80,19 @@ def adapter_cost(ckpt: Path) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default=str(ROOT / "runs" / "vqa-qwen2vl"))
+    p.add_argument("--table", choices=["dense", "moe"], default="dense")
+    p.add_argument("--model", default=None, help="default: runs/vqa-qwen2vl (dense), runs/vqa-qwen3vlmoe (moe)")
     p.add_argument("--eval-samples", type=int, default=500)
     p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--settings", nargs="+", default=None)
     p.add_argument("--work", default=str(ROOT / "runs" / "results"))
     a = p.parse_args()
+    moe = a.table == "moe"
+    methods = MOE_METHODS if moe else METHODS
+    a.methods = a.methods or list(methods)
+    a.settings = a.settings or list(MOE_SETTINGS if moe else SETTINGS)
+    a.model = a.model or str(ROOT / "runs" / ("vqa-qwen3vlmoe" if moe else "vqa-qwen2vl"))
 
     from vllm_qe.calibration.api import CalibrationConfig, calibrate
     from vllm_qe.calibration.evaluate import evaluate_dirs
@@ -72,10 +101,10 @@ def main() -> int:
     model = Path(a.model)
     if not (model / "config.json").exists():
         print(f"training the VQA model into {model} ...", flush=True)
-        train_vqa_model(model)
+        train_vqa_model(model, arch="qwen3_vl_moe" if moe else "qwen2_vl")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    out_json = ROOT / "docs" / "results.json"
+    out_json = ROOT / "docs" / ("results-moe.json" if moe else "results.json")
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results["meta"] = {"model": model.name, "eval_samples": a.eval_samples, "calib_samples": a.calib_samples,
                        "training": json.loads((model / "training_log.json").read_text())["steps"]}
@@ -83,43 +112,51 @@ def main() -> int:
     results["FP32"] = {"-": {"accuracy": fp.accuracy, "kl": 0.0, "top1": 1.0, "by_kind": fp.accuracy_by_kind}}
     print(f"FP32 accuracy {fp.accuracy:.3f}", flush=True)
     for setting in a.settings:
-        wbits, abits, gs, sym = SETTINGS[setting]
+        wbits, abits, gs, sym = (MOE_SETTINGS if moe else SETTINGS)[setting]
         for name in a.methods:
-            method, params = METHODS[name]
+            method, params, *rest = methods[name]
+            extra = rest[0] if rest else {}
             if method == "smoothquant" and abits is None:
                 continue  # SmoothQuant is for activation-quantized settings
-            ckpt = work / f"{method}-{setting}-{abs(hash(json.dumps(params, sort_keys=True))) % 10**6}"
+            ckpt = work / f"{method}-{setting}-{abs(hash(json.dumps([params, extra], sort_keys=True))) % 10**6}"
             t0 = time.time()
             calibrate(model, ckpt, CalibrationConfig(method=method, wbits=wbits, abits=abits, group_size=gs,
                                                      symmetric=sym, num_samples=a.calib_samples,
-                                                     method_params=params), overwrite=True, progress=False)
+                                                     method_params=params, **extra), overwrite=True,
+                      progress=False)
             secs = time.time() - t0
             r = evaluate_dirs(model, ckpt, n=a.eval_samples)
             snr = sorted(r.layer_snr_db.values())
+            moe_snr = [v for k, v in r.layer_snr_db.items() if k.endswith(".experts")]
             extra_bytes, extra_flops = adapter_cost(ckpt)
             results.setdefault(name, {})[setting] = {
                 "accuracy": r.accuracy, "kl": r.kl, "top1": r.top1, "by_kind": r.accuracy_by_kind,
                 "median_layer_snr_db": snr[len(snr) // 2], "calib_seconds": round(secs, 1),
                 "adapter_bytes_pct": extra_bytes, "adapter_flops_pct": extra_flops,
             }
+            if moe_snr:
+                results[name][setting]["moe_snr_db"] = sum(moe_snr) / len(moe_snr)
             print(f"{setting:6s} {name:18s} acc {r.accuracy:.3f}  KL {r.kl:.4f}  top1 {r.top1:.3f}  "
                   f"SNR {snr[len(snr) // 2]:.1f} dB  ({secs:.0f} s)", flush=True)
             out_json.write_text(json.dumps(results, indent=1))
             shutil.rmtree(ckpt, ignore_errors=True)
-    write_reports(results)
+    write_reports(results, moe)
     return 0
 
 
-def write_reports(results: dict) -> None:
-    settings = [s for s in SETTINGS if any(s in v for k, v in results.items() if k not in ("meta", "FP32"))]
-    methods = [m for m in METHODS if m in results]
+def write_reports(results: dict, moe: bool = False) -> None:
+    all_settings = MOE_SETTINGS if moe else SETTINGS
+    settings = [s for s in all_settings if any(s in v for k, v in results.items() if k not in ("meta", "FP32"))]
+    methods = [m for m in (MOE_METHODS if moe else METHODS) if m in results]
     meta = results["meta"]
     fp = results["FP32"]["-"]
     head = "| method | " + " | ".join(settings) + " | adapter bytes / FLOPs |"
     lines = [
         f"VQA exact-match accuracy (top-1 agreement with FP32; next-token KL in nats) on {meta['eval_samples']} "
-        f"held-out questions; {meta['calib_samples']} calibration samples. Model: tiny Qwen2-VL trained here "
-        f"({meta['training']} steps). Regenerate: `python examples/results_table.py`.",
+        f"held-out questions; {meta['calib_samples']} calibration samples"
+        f"{'; last: mean SNR of the MoE layers (routed expert sum, FP inputs)' if moe else ''}. Model: tiny "
+        f"{'Qwen3-VL-MoE (8 experts, top-2)' if moe else 'Qwen2-VL'} trained here ({meta['training']} steps). "
+        f"Regenerate: `python examples/results_table.py{' --table moe' if moe else ''}`.",
         "",
         head,
         "|" + "---|" * (len(settings) + 2),
@@ -133,18 +170,22 @@ def write_reports(results: dict) -> None:
             if r is None:
                 cells.append("n/a")
                 continue
-            cells.append(f"{r['accuracy']:.3f} ({r['top1']:.3f}; {r['kl']:.4f})")
+            cell = f"{r['accuracy']:.3f} ({r['top1']:.3f}; {r['kl']:.4f}"
+            cells.append(cell + (f"; {r['moe_snr_db']:.1f} dB)" if "moe_snr_db" in r else ")"))
             if r["adapter_bytes_pct"] > 0:
                 cost = f"+{r['adapter_bytes_pct']:.0f}% / +{r['adapter_flops_pct']:.0f}%"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
     table = "\n".join(lines)
-    (ROOT / "docs" / "results.md").write_text("# Results\n\n" + table + "\n")
+    (ROOT / "docs" / ("results-moe.md" if moe else "results.md")).write_text("# Results\n\n" + table + "\n")
     readme = ROOT / "README.md"
+    marker = "MOE-RESULTS" if moe else "RESULTS"
     if readme.exists():
         text = readme.read_text()
-        new = re.sub(r"(<!-- RESULTS:BEGIN -->\n).*?(\n<!-- RESULTS:END -->)", lambda mt: mt.group(1) + table +
+        new = re.sub(rf"(<!-- {marker}:BEGIN -->\n).*?(\n<!-- {marker}:END -->)", lambda mt: mt.group(1) + table +
                      mt.group(2), text, flags=re.S)
         readme.write_text(new)
+    if moe:
+        return
     try:
         import matplotlib
 

@@ -24,8 +24,12 @@ QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
     ("qwen2_vl", "rtn", dict(wbits=4, abits=8)),
     ("llava", "rtn", dict(wbits=3, abits=None)),
     ("qwen2_5_vl", "rtn", dict(wbits=4, abits=None)),
-    # MoE: attention + vision tower quantized, experts served by vLLM's unquantized MoE method
+    # MoE: attention, vision tower and every expert quantized (QEMoEMethod through vLLM's expert loader)
     ("qwen3_vl_moe", "rtn", dict(wbits=4, abits=None)),
+    # VEQ-ME+MA: per-expert smoothing shared by gate/up, GPTQ on the affinity Hessian; W3 words straddle
+    ("qwen3_vl_moe", "veq", dict(wbits=3, abits=None, method_params={"mode": "me+ma"})),
+    # VEQ+QE: shared low-rank expert per MoE expert (block-diagonal w13 adapters), routed experts elsewhere
+    ("qwen3_vl_moe", "qe", dict(wbits=4, abits=None, method_params={**QE_SMALL, "base": "veq"})),
     # QE: smoothing + shared + routed experts + router, through vLLM's fused qkv_proj / gate_up_proj layers
     ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL)),
     ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL)),
@@ -57,14 +61,16 @@ def test_vllm_rejects_missing_tensor_with_its_name(quantized_dir, tmp_path):
         run_vllm(bad, make_requests(bad, tmp_path, n=1), tmp_path, timeout=300)
 
 
-@pytest.mark.parametrize("method, cfg", [
-    ("rtn", dict(wbits=4, abits=8, group_size=16)),
-    ("qe", dict(wbits=4, abits=6, group_size=16, method_params=QE_SMALL)),
+@pytest.mark.parametrize("arch, method, cfg", [
+    ("qwen2_vl", "rtn", dict(wbits=4, abits=8, group_size=16)),
+    ("qwen2_vl", "qe", dict(wbits=4, abits=6, group_size=16, method_params=QE_SMALL)),
+    # MoE experts shard as vLLM shards them: w1/w3 rows and w2's input (96 -> 2 x 48 = 3 groups of 16 per rank)
+    ("qwen3_vl_moe", "qe", dict(wbits=4, abits=None, group_size=16, method_params={**QE_SMALL, "base": "veq"})),
 ])
-def test_tensor_parallel_2_gives_the_same_greedy_tokens(method, cfg, quantized_dir, tmp_path):
+def test_tensor_parallel_2_gives_the_same_greedy_tokens(arch, method, cfg, quantized_dir, tmp_path):
     """TP=2 (two CPU workers, gloo) vs TP=1: row-parallel layers all-reduce router scores and activation scales.
     (group 16: the fixture's MLP width 352 splits into 2 x 176 = 11 groups of 16 per rank.)"""
-    ckpt = quantized_dir("qwen2_vl", method, **cfg)
+    ckpt = quantized_dir(arch, method, **cfg)
     reqs = make_requests(ckpt, tmp_path)
     tp1 = run_vllm(ckpt, reqs, tmp_path, tp=1)
     tp2 = run_vllm(ckpt, reqs, tmp_path, tp=2)
@@ -75,3 +81,16 @@ def test_tensor_parallel_2_gives_the_same_greedy_tokens(method, cfg, quantized_d
     # flip one rounding decision (a whole quantization step for that element), so the bound is looser there.
     # Exactness of the sharded math itself is checked layer by layer in test_vllm_layers.py.
     assert worst < (LOGPROB_ATOL if cfg.get("abits") is None else ACT_QUANT_LOGPROB_ATOL)
+
+
+def test_vllm_rejects_an_moe_checkpoint_missing_one_expert_tensor(quantized_dir, tmp_path):
+    import shutil
+
+    src = quantized_dir("qwen3_vl_moe", "rtn", wbits=4, abits=None)
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    t = load_file(str(bad / "model.safetensors"))
+    t.pop("model.language_model.layers.1.mlp.experts.5.up_proj.weight_zero_point")
+    save_file(t, str(bad / "model.safetensors"))
+    with pytest.raises(RuntimeError, match=r"layers\.1\.mlp\.experts\.5\.up_proj\.weight_zero_point: missing"):
+        run_vllm(bad, make_requests(bad, tmp_path, n=1), tmp_path, timeout=300)

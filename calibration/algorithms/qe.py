@@ -107,10 +107,7 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
     """Quantize one linear layer and fit its shared expert, routed experts and router.
 
     `weight` `[out, in]`; `stats` with Gram, reservoir and top-k co-occurrence; `smooth` `[in]` or None.
-    Ranks come from `scheme.adapters` (MoE experts carry a shared expert only). Returns a QuantizedLinear whose
-    adapters are zero-padded to those ranks."""
-    a = scheme.adapters
-    p = replace(p, shared_rank=a.shared_rank, num_routed=a.num_routed, routed_rank=a.routed_rank or p.routed_rank)
+    Returns a QuantizedLinear whose adapters are zero-padded to the configured ranks."""
     w = weight.float()
     out_f, in_f = w.shape
     stats.ensure_channel_counts()
@@ -263,5 +260,7 @@ class QuantExperts(Algorithm):
             s, _ = scale_search(st.sample, [t.weight for t in targets], scheme, token_weight=st.sample_weight)
         out = {}
         for t in targets:
-            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, self.p, s, quantizer, t.stats.sample_weight)
+            # MoE experts: one shared low-rank expert of `expert_rank`, no routed ones (the MoE router routes)
+            p = self.p if t.stats.expert is None else replace(self.p, shared_rank=self.p.expert_rank, num_routed=0)
+            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, p, s, quantizer, t.stats.sample_weight)
         return out

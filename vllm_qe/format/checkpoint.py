@@ -168,6 +168,8 @@ class CheckpointSummary:
     original_bytes: int = 0
     adapter_params: int = 0
     other_bytes: int = 0
+    # MoE: experts path -> {"experts": E, "hidden": H, "intermediate": I, "shared_rank": r, "adapter_params": n}
+    moe: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         c = self.config
@@ -188,7 +190,18 @@ class CheckpointSummary:
             f"{(self.quantized_bytes + self.adapter_bytes) / 2**20:.2f} MiB "
             f"({saved / 2**20:.2f} MiB saved, {saved / max(self.original_bytes, 1):.1%})",
             f"other tensors   {self.other_bytes / 2**20:.2f} MiB (embeddings, norms, ignored layers)",
-        ]
+        ] + self._moe_lines()
+
+    def _moe_lines(self) -> list[str]:
+        if not self.moe:
+            return []
+        shapes = sorted({(m["experts"], m["hidden"], m["intermediate"], m["shared_rank"]) for m in self.moe.values()})
+        n_params = sum(m["adapter_params"] for m in self.moe.values())
+        out = [f"moe experts     {len(self.moe)} MoE layer(s), weight-only, per-expert modules "
+               f"(gate/up/down), {n_params:,} adapter params"]
+        out += [f"                {e} experts x (hidden {h}, intermediate {i}), shared rank {r} per expert projection"
+                for e, h, i, r in shapes]
+        return out
 
 
 def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
@@ -221,7 +234,39 @@ def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
             elif s not in ("bias", spec.WEIGHT_SHAPE):
                 summary.quantized_bytes += nbytes
     summary.other_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if k not in used)
+    summary.moe = _moe_summary(qcfg, summary.modules, grouped, tensors)
     return summary
+
+
+def _moe_summary(qcfg: QEConfig, modules: dict[str, tuple[int, int]], grouped, tensors) -> dict[str, dict[str, int]]:
+    """Per MoE layer (per-expert modules `<experts>.<e>.{gate,up,down}_proj`): check that every expert has all three
+    projections with consistent shapes, and summarise them."""
+    import re
+
+    blocks: dict[str, dict[int, dict[str, tuple[int, int]]]] = {}
+    for mod, shape in modules.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)", mod)
+        if m:
+            blocks.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = shape
+    out = {}
+    for path, experts in blocks.items():
+        n = max(experts) + 1
+        for e in range(n):
+            have = experts.get(e, {})
+            missing = [p for p in spec.EXPERT_PROJS if p not in have]
+            if missing:
+                raise FormatError(f"{path}.{e}.{missing[0]}: missing (MoE layers carry every expert's gate/up/down)")
+            (i1, h1), (i2, h2), (h3, i3) = have["gate_proj"], have["up_proj"], have["down_proj"]
+            if not (i1 == i2 == i3 and h1 == h2 == h3) or have != experts[0]:
+                raise FormatError(f"{path}.{e}: inconsistent expert shapes {have} (expected gate/up [I, H], "
+                                  f"down [H, I], the same for every expert)")
+        i, h = experts[0]["gate_proj"]
+        params = sum(tensors[t].numel() for e in range(n) for p in spec.EXPERT_PROJS
+                     for s, t in grouped[f"{path}.{e}.{p}"].items() if s in (spec.SHARED_A, spec.SHARED_B))
+        out[path] = {"experts": n, "hidden": h, "intermediate": i,
+                     "shared_rank": qcfg.module_scheme(f"{path}.0.gate_proj").adapters.shared_rank,
+                     "adapter_params": params}
+    return out
 
 
 def write_checkpoint(

@@ -102,7 +102,9 @@ class QuantExpertsConfig(QuantizationConfig):
     def _moe_method(self, layer, prefix: str) -> QuantizeMethodBase:
         """`QEMoEMethod` when the checkpoint has every expert of `prefix` as per-expert modules, vLLM's unquantized
         method when it has none of them; a partial set is an error."""
-        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+            UnquantizedFusedMoEMethod,
+        )
 
         from vllm_qe.format.spec import EXPERT_PROJS
         from vllm_qe.runtime.moe import QEMoEMethod
