@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -52,6 +53,7 @@ class CalibrationConfig:
     propagate: str = "quantized"
     token_importance: str | None = None  # TLQ: None | "gradnorm" | "first_order"
     method_params: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False  # stream block weights from safetensors; calibrated blocks live on disk (streaming.py)
 
 
 def _algorithm_adapters(algo) -> AdapterScheme:
@@ -116,7 +118,17 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (use --overwrite)")
     model_cfg = ckpt.read_config(model_dir)
-    model = load_model(model_dir)
+    source = None
+    if config.offload:
+        from vllm_qe.calibration.streaming import load_skeleton
+
+        if config.token_importance == "first_order":
+            raise ValueError("offload: token_importance 'first_order' needs a whole RTN copy of the model; "
+                             "use 'gradnorm' or calibrate without offload")
+        model, source = load_skeleton(
+            model_dir, lambda m: [n for c in get_chains(m, model_cfg.get("model_type")) for n, _ in c.units])
+    else:
+        model = load_model(model_dir)
     model_type = model.config.model_type
     processor = AutoProcessor.from_pretrained(str(model_dir))
     algo = algorithms.get_algorithm(config.method, **config.method_params)
@@ -135,12 +147,18 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
               if (c.tower == "language" and config.quantize_language)
               or (c.tower != "language" and config.quantize_vision)]
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    disk = {**checkpoint_names(model, all_linears), **experts_disk}
+    if source is None:
+        disk = {**checkpoint_names(model, all_linears), **experts_disk}
+    else:  # a meta skeleton has no record of transformers' load-time renames: ask the safetensors index
+        disk = {**checkpoint_names(model, all_linears), **experts_disk}
+        for n in all_linears:
+            with contextlib.suppress(KeyError):  # tied weights (lm_head) are not in the files
+                disk[n] = source.locate(f"{n}.weight", tuple(model.get_submodule(n).weight.shape))[0][:-7]
     unit_names = [name for c in chains for name, _ in c.units]
     in_chains = {f"{name}.{sub}" for c in chains for name, unit in c.units
                  for sub, m in unit.named_modules() if isinstance(m, torch.nn.Linear)}
     in_chains |= {n for n in experts_disk if any(n.startswith(u + ".") for u in unit_names)}
-    tensors = ckpt.load_tensors(model_dir)
+    tensors = ckpt.load_tensors(model_dir) if source is None else dict.fromkeys(source.index)
     for n in sorted(in_chains):
         tensor = _source_tensor(n, disk[n])
         if tensor not in tensors:
@@ -163,6 +181,18 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
             return (s["input_ids"] == img_tok).reshape(-1)
         return torch.ones(1, dtype=torch.bool)
 
+    streamer = None
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if not resume and rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    fingerprint = {"model_dir": str(Path(model_dir).resolve()), "config": asdict(config), "world": world}
+    state = CalibrationState(partial, json.loads(json.dumps(fingerprint)), lambda n: scheme_of(n))
+    if source is not None:
+        from vllm_qe.calibration.streaming import WeightStreamer
+
+        streamer = WeightStreamer(model, source, [u for c in get_chains(model, model_type) for u in c.units],
+                                  quantized_of=state.unit_quantized, install=lambda *a: driver.install(*a))
+        streamer.attach()
     grads = None
     if config.token_importance or getattr(algo, "needs_gradients", False):
         grads = _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of)
@@ -171,12 +201,11 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
                              token_weights=grads.token_weight if grads and config.token_importance else None,
                              unit_ratio=grads.vision_text_ratio if grads else None,
                              gamma=grads.gamma if grads else float(config.method_params.get("gamma", 1.0)))
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if not resume and rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-    fingerprint = {"model_dir": str(Path(model_dir).resolve()), "config": asdict(config), "world": world}
-    state = CalibrationState(partial, json.loads(json.dumps(fingerprint)), lambda n: scheme_of(n))
+    driver.streamer = streamer
     results = driver.run(chains, samples, masks_of, state)
+    if streamer is not None:
+        streamer.detach()
+        results = dict.fromkeys(state.quantized_names())  # the tensors are in the state's unit files
     if rank != 0:
         import torch.distributed as dist
 
@@ -190,20 +219,56 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
         qcfg.overrides.pop(EXPERT_OVERRIDE, None)
     for n, q in results.items():
         tensors.pop(_source_tensor(n, disk[n]), None)
-        tensors.update(q.to_tensors(disk[n]))
+        if q is not None:
+            tensors.update(q.to_tensors(disk[n]))
     model_cfg.pop("quantization_config", None)
     report = {"config": asdict(config), "seconds": round(time.time() - t0, 2), "num_samples": len(samples),
               "layer_rel_error": driver.report.layers, "blocks": driver.report.blocks,
               "input_groups": driver.report.groups}
     report["world_size"] = world
-    out = ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
-                                source_dir=model_dir, report=report, overwrite=overwrite)
+    if source is None:
+        out = ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
+                                    source_dir=model_dir, report=report, overwrite=overwrite)
+    else:  # one shard per calibrated block + one of the untouched tensors: memory bounded by one block
+        out = ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg,
+                                    shards=_streamed_shards(state, source, disk, set(tensors)),
+                                    source_dir=model_dir, report=report, overwrite=overwrite)
     shutil.rmtree(partial, ignore_errors=True)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     return out
+
+
+def _streamed_shards(state: CalibrationState, source, disk: dict[str, str], rest: set[str]) -> list:
+    """Shard writers (file name, () -> tensors) of a streamed calibration: the calibrated blocks' tensors from the
+    state's unit files under their checkpoint names, then the source tensors that were not quantized."""
+    from safetensors.torch import load_file
+
+    units = state.unit_tensors()
+    n = len(units) + 1
+
+    def unit_shard(fname: str):
+        def read() -> dict[str, torch.Tensor]:
+            out = {}
+            for k, v in load_file(str(state.folder / fname)).items():
+                mod, _, suffix = k.rpartition(".")
+                out[f"{disk[mod]}.{suffix}"] = v
+            return out
+        return read
+
+    def rest_shard() -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out = {}
+        for name in sorted(rest):
+            with safe_open(str(source.index[name]), framework="pt") as sf:
+                out[name] = sf.get_tensor(name)
+        return out
+
+    shards = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", unit_shard(f)) for i, (_, f) in enumerate(units)]
+    return [*shards, (f"model-{n:05d}-of-{n:05d}.safetensors", rest_shard)]
 
 
 def _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of):

@@ -16,7 +16,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         method=a.method, wbits=a.wbits, abits=None if a.abits in (None, 16) else a.abits, group_size=a.group_size,
         symmetric=a.symmetric, calib=a.calib, num_samples=a.num_samples, seed=a.seed,
         quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
-        propagate=a.propagate, token_importance=a.token_importance, method_params=params,
+        propagate=a.propagate, token_importance=a.token_importance, method_params=params, offload=a.offload,
     )
     out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, resume=not a.no_resume)
     report = out / "vllm_qe_report.json"
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--ignore", action="append", help="module name (or re:REGEX) to leave unquantized")
     c.add_argument("--propagate", choices=["quantized", "fp"], default="quantized",
                    help="feed each block the outputs of already-quantized blocks (default) or full-precision ones")
+    c.add_argument("--offload", action="store_true",
+                   help="stream block weights from the safetensors one block at a time and keep calibrated blocks "
+                        "on disk: memory bounded by one block, whatever the depth (writes a sharded checkpoint)")
     c.add_argument("--token-importance", choices=["gradnorm", "first_order"], default=None,
                    help="TLQ: weight calibration tokens by gradient-based importance")
     c.add_argument("--overwrite", action="store_true")

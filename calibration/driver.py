@@ -106,6 +106,7 @@ class LayerwiseDriver:
         self.token_weights = token_weights or {}
         self.unit_ratio = unit_ratio or {}
         self.gamma = gamma  # VEQ: model-wide text/vision gradient ratio (α of text tokens in the affinity Hessian)
+        self.streamer = None  # streaming.WeightStreamer when blocks live on `meta` between uses (--offload)
         self.results: dict[str, QuantizedLinear] = {}
         self.report = DriverReport()
 
@@ -363,15 +364,15 @@ class LayerwiseDriver:
         for path, per_expert in blocks.items():
             experts = unit.get_submodule(path)
             parent, _, child = path.rpartition(".")
-            setattr(unit.get_submodule(parent) if parent else unit, child,
-                    FakeQuantExperts([per_expert[e] for e in range(len(per_expert))], experts.act_fn))
+            _swap(unit.get_submodule(parent) if parent else unit, child,
+                  FakeQuantExperts([per_expert[e] for e in range(len(per_expert))], experts.act_fn),
+                  self.streamer is not None)
 
-    @staticmethod
-    def _replace(unit: torch.nn.Module, sub: str, q: QuantizedLinear, bias, scheme: ModuleScheme) -> None:
+    def _replace(self, unit: torch.nn.Module, sub: str, q: QuantizedLinear, bias, scheme: ModuleScheme) -> None:
         act = scheme.activation.bits if scheme.activation else None
         parent_name, _, child = sub.rpartition(".")
-        setattr(unit.get_submodule(parent_name) if parent_name else unit, child,
-                FakeQuantLinear(q, None if bias is None else bias.detach(), act))
+        _swap(unit.get_submodule(parent_name) if parent_name else unit, child,
+              FakeQuantLinear(q, None if bias is None else bias.detach(), act), self.streamer is not None)
 
     def _quantize_groups(self, unit_name, targets, stats, groups) -> dict[str, tuple[QuantizedLinear, float | None]]:
         """Quantize every input group; under torch.distributed, group j is done by rank j % world and the
@@ -413,6 +414,8 @@ class LayerwiseDriver:
         """Calibrate all chains. With `state`, progress is saved after every block and a run that finds saved
         progress resumes after the last finished block (identical result: the algorithms are deterministic)."""
         total = sum(len(c.units) for c in chains)
+        if self.streamer is not None and state is None:
+            raise ValueError("weight streaming keeps calibrated blocks on disk: it needs a CalibrationState")
         resume_at, saved_hidden = 0, None
         if state is not None:
             resume_at, saved_hidden = state.load(self)
@@ -434,14 +437,27 @@ class LayerwiseDriver:
                 if i > 0:  # the model's own between-block additions (zero for plain stacks)
                     hiddens = [h if d is None else h + d for h, d in zip(hiddens, deltas[i])]
                 bar.set_postfix_str(name)
+                if self.streamer is not None:
+                    self.streamer.materialize(name, quantized=False)
                 hiddens = self._calibrate_unit(name, unit, calls[i], hiddens, masks)
                 calls[i], deltas[i] = [], []  # free this block's cached inputs
                 index += 1
                 if state is not None:
                     state.save(self, index, name, hiddens, last_in_chain=i == len(chain.units) - 1)
+                if self.streamer is not None:  # the block's results now live in the state's unit file
+                    self.streamer.release(name)
+                    for n in [n for n in self.results if n.startswith(name + ".")]:
+                        del self.results[n]
                 bar.update(1)
         bar.close()
         return self.results
+
+
+def _swap(parent: torch.nn.Module, child: str, new: torch.nn.Module, record: bool) -> None:
+    """Replace `parent.child`; with `record` (weight streaming) remember the original, which `release` puts back."""
+    if record:
+        parent.__dict__.setdefault("_vllm_qe_swapped", {}).setdefault(child, getattr(parent, child))
+    setattr(parent, child, new)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -481,7 +497,7 @@ class CalibrationState:
         if prog["fingerprint"] != self.fingerprint:
             raise ValueError(f"{self.folder}: saved progress belongs to another calibration config; "
                              "remove the folder or rerun with the same settings")
-        for unit_file in prog["unit_files"]:
+        for unit_file in prog["unit_files"] if driver.streamer is None else []:  # streaming: loaded on demand
             t = load_file(str(self.folder / unit_file))
             mods = sorted({k.rpartition(".")[0] for k in t})
             per_unit: dict[str, dict[str, QuantizedLinear]] = {}
@@ -514,14 +530,16 @@ class CalibrationState:
             tmp = self.folder / f"hidden-rank{rank}.tmp.safetensors"
             save_file({str(i): h.contiguous() for i, h in enumerate(hiddens)}, str(tmp))
             os.replace(tmp, self.folder / f"hidden-rank{rank}.safetensors")
-        if world > 1:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        if world > 1:
             dist.barrier()
         if rank != 0:
+            if world > 1:
+                dist.barrier()  # rank 0 has written this block's unit file (weight streaming reads it back)
             return
         prog = self._progress() or {"fingerprint": self.fingerprint, "unit_files": [], "unit_of": {},
-                                    "layer_errors": {}}
+                                    "layer_errors": {}, "file_of_unit": {}}
         new = {n: q for n, q in driver.results.items() if n.startswith(unit_name + ".")}
         if new:
             fname = f"unit-{next_unit:04d}.safetensors"
@@ -532,8 +550,36 @@ class CalibrationState:
                 prog["layer_errors"][n] = driver.report.layers.get(n)
             save_file(tensors, str(self.folder / fname))
             prog["unit_files"].append(fname)
+            prog.setdefault("file_of_unit", {})[unit_name] = fname
         prog["next_unit"] = next_unit
         prog["mid_chain"] = not last_in_chain
         tmp = self.folder / "progress.tmp.json"
         tmp.write_text(json.dumps(prog))
         os.replace(tmp, self.folder / "progress.json")
+        if world > 1:
+            dist.barrier()
+
+    def unit_quantized(self, unit_name: str) -> dict[str, QuantizedLinear] | None:
+        """The calibrated modules of block `unit_name` (`{sub name: QuantizedLinear}`), None if not calibrated."""
+        from safetensors.torch import load_file
+
+        from vllm_qe.format.checkpoint import group_module_tensors
+
+        prog = self._progress()
+        fname = (prog or {}).get("file_of_unit", {}).get(unit_name)
+        if fname is None:
+            return None
+        t = load_file(str(self.folder / fname))
+        mods = sorted({k.rpartition(".")[0] for k in t})
+        return {full[len(unit_name) + 1:]: QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()},
+                                                                         self.scheme_of(full))
+                for full, suffixes in group_module_tensors(set(t), mods).items()}
+
+    def quantized_names(self) -> list[str]:
+        """In-memory names of every module the saved blocks quantized."""
+        return sorted(((self._progress() or {}).get("unit_of") or {}).keys())
+
+    def unit_tensors(self) -> list[tuple[str, str]]:
+        """(unit name, unit file) of every calibrated block, in calibration order."""
+        prog = self._progress() or {}
+        return list(prog.get("file_of_unit", {}).items())

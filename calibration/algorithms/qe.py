@@ -146,7 +146,7 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
             if g < n_groups:
                 sel = groups == g
                 hg = p.mix * h
-                if int(sel.sum()) > 0:
+                if float(tw[sel].sum()) > 0:  # (TLQ can give a whole group zero weight)
                     xg = x[sel] * tw[sel].sqrt()[:, None]
                     hg = hg + (xg.t() @ xg) / float(tw[sel].sum())
                 a, b = whitened_svd(resid, hg, p.routed_rank)

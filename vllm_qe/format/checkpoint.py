@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from vllm_qe.format import spec
 from vllm_qe.format.spec import FormatError, QEConfig
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
     "chat_template.jinja", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
@@ -274,12 +276,16 @@ def write_checkpoint(
     *,
     model_config: dict[str, Any],
     qconfig: QEConfig,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | None = None,
+    shards: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]] | None = None,
     source_dir: str | Path | None = None,
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint atomically: build `OUT.tmp-*`, validate it, then rename onto `OUT`.
+
+    `tensors` go to one `model.safetensors`; `shards` ((file name, reader) pairs, read one at a time so memory is
+    bounded by one shard) to several files plus the `model.safetensors.index.json` that transformers and vLLM read.
 
     An existing `OUT` is only replaced with `overwrite=True` (it is moved aside first and removed after the rename).
     """
@@ -291,7 +297,21 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         qconfig.validate()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if (tensors is None) == (shards is None):
+            raise ValueError("write_checkpoint: give either tensors or shards")
+        if tensors is not None:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for fname, read in shards:
+                part = read()
+                save_file({k: v.contiguous() for k, v in part.items()}, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(part, fname))
+                total += sum(v.numel() * v.element_size() for v in part.values())
+                del part
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
         if source_dir is not None:
             for name in PROCESSOR_FILES:
                 src = Path(source_dir) / name
