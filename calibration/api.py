@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -226,6 +227,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
               "layer_rel_error": driver.report.layers, "blocks": driver.report.blocks,
               "input_groups": driver.report.groups}
     report["world_size"] = world
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["offload"] = config.offload
     if source is None:
         out = ckpt.write_checkpoint(out_dir, model_config=model_cfg, qconfig=qcfg, tensors=tensors,
                                     source_dir=model_dir, report=report, overwrite=overwrite)

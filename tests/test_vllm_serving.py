@@ -24,6 +24,8 @@ QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
     ("qwen2_vl", "rtn", dict(wbits=4, abits=8)),
     ("llava", "rtn", dict(wbits=3, abits=None)),
     ("qwen2_5_vl", "rtn", dict(wbits=4, abits=None)),
+    # --offload writes a sharded checkpoint (one shard per block + index): vLLM and transformers read it
+    ("qwen2_vl", "gptq", dict(wbits=4, abits=None, offload=True)),
     # MoE: attention, vision tower and every expert quantized (QEMoEMethod through vLLM's expert loader)
     ("qwen3_vl_moe", "rtn", dict(wbits=4, abits=None)),
     # VEQ-ME+MA: per-expert smoothing shared by gate/up, GPTQ on the affinity Hessian; W3 words straddle

@@ -13,7 +13,11 @@ import math
 
 import torch
 
-_ROW_CHUNK = 4096  # rows per step: bounds the temporary bit tensor
+_CHUNK_BITS = 1 << 22  # bits per step: bounds the temporary int64 bit tensors (~32 MiB each)
+
+
+def _row_chunk(bits_per_row: int) -> int:
+    return max(1, _CHUNK_BITS // max(bits_per_row, 1))
 
 
 def pack_factor(bits: int) -> float:
@@ -50,7 +54,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
         raise ValueError(f"values out of range for {bits}-bit packing: [{int(q.min())}, {int(q.max())}]")
     words = packed_width(q.shape[1], bits)
-    return torch.cat([_pack_rows(c, bits, words) for c in q.split(_ROW_CHUNK)]) if q.shape[0] else \
+    return torch.cat([_pack_rows(c, bits, words) for c in q.split(_row_chunk(words * 32))]) if q.shape[0] else \
         torch.zeros(0, words, dtype=torch.int32)
 
 
@@ -71,4 +75,4 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
         )
     if packed.shape[0] == 0:
         return torch.zeros(0, in_features, dtype=torch.int32)
-    return torch.cat([_unpack_rows(c, bits, in_features) for c in packed.split(_ROW_CHUNK)])
+    return torch.cat([_unpack_rows(c, bits, in_features) for c in packed.split(_row_chunk(packed.shape[1] * 32))])
