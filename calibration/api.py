@@ -55,6 +55,7 @@ class CalibrationConfig:
     token_importance: str | None = None  # TLQ: None | "gradnorm" | "first_order"
     method_params: dict[str, Any] = field(default_factory=dict)
     offload: bool = False  # stream block weights from safetensors; calibrated blocks live on disk (streaming.py)
+    max_activation_mib: float | None = None  # one block's hidden states kept in memory; the rest spill to disk
 
 
 def _algorithm_adapters(algo) -> AdapterScheme:
@@ -201,7 +202,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
                              progress=progress and rank == 0,
                              token_weights=grads.token_weight if grads and config.token_importance else None,
                              unit_ratio=grads.vision_text_ratio if grads else None,
-                             gamma=grads.gamma if grads else float(config.method_params.get("gamma", 1.0)))
+                             gamma=grads.gamma if grads else float(config.method_params.get("gamma", 1.0)),
+                             max_activation_mib=config.max_activation_mib, spill_dir=str(partial / f"spill-rank{rank}"))
     driver.streamer = streamer
     results = driver.run(chains, samples, masks_of, state)
     if streamer is not None:

@@ -17,6 +17,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         symmetric=a.symmetric, calib=a.calib, num_samples=a.num_samples, seed=a.seed,
         quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
         propagate=a.propagate, token_importance=a.token_importance, method_params=params, offload=a.offload,
+        max_activation_mib=a.max_activation_mib,
     )
     out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, resume=not a.no_resume)
     report = out / "vllm_qe_report.json"
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--offload", action="store_true",
                    help="stream block weights from the safetensors one block at a time and keep calibrated blocks "
                         "on disk: memory bounded by one block, whatever the depth (writes a sharded checkpoint)")
+    c.add_argument("--max-activation-mib", type=float, default=None,
+                   help="keep at most this much of a block's hidden states in memory; spill the rest to disk")
     c.add_argument("--token-importance", choices=["gradnorm", "first_order"], default=None,
                    help="TLQ: weight calibration tokens by gradient-based importance")
     c.add_argument("--overwrite", action="store_true")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vllm_qe.calibration.activations import ActivationStore
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget
 from vllm_qe.calibration.fakequant import FakeQuantLinear
 from vllm_qe.calibration.model_structure import Chain
@@ -94,6 +95,8 @@ class LayerwiseDriver:
         token_weights: dict[str, list[torch.Tensor]] | None = None,
         unit_ratio: dict[str, float] | None = None,
         gamma: float = 1.0,
+        max_activation_mib: float | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
@@ -107,17 +110,23 @@ class LayerwiseDriver:
         self.unit_ratio = unit_ratio or {}
         self.gamma = gamma  # VEQ: model-wide text/vision gradient ratio (α of text tokens in the affinity Hessian)
         self.streamer = None  # streaming.WeightStreamer when blocks live on `meta` between uses (--offload)
+        self.max_activation_mib = max_activation_mib  # per block's hidden states in memory; the rest spills
+        self.spill_dir = spill_dir
         self.results: dict[str, QuantizedLinear] = {}
         self.report = DriverReport()
+
+    def _store(self) -> ActivationStore:
+        return ActivationStore(self.spill_dir, self.max_activation_mib)
 
     # -- capture ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _capture(self, chain: Chain, samples: list[dict[str, torch.Tensor]]
-                 ) -> tuple[list[list[tuple[tuple, dict]]], list[list[torch.Tensor | None]]]:
+                 ) -> tuple[list[list[tuple[tuple, dict]]], list[list[torch.Tensor | None]], ActivationStore]:
         """Per unit, per sample: the (args, kwargs) the unit was called with in the current model, and the
         difference between its input and the previous unit's output (None when the model passes the output on
-        unchanged; Qwen3-VL adds its deepstack visual features between language layers). Only the first unit
-        keeps its hidden-state input, so the capture holds one hidden state per sample whatever the depth."""
+        unchanged; Qwen3-VL adds its deepstack visual features between language layers), and the first unit's
+        hidden-state inputs (an ActivationStore): one hidden state per sample whatever the depth."""
+        first = self._store()
         calls: list[list[tuple[tuple, dict]]] = [[] for _ in chain.units]
         deltas: list[list[torch.Tensor | None]] = [[] for _ in chain.units]
         last_out: dict[int, torch.Tensor] = {}
@@ -127,7 +136,8 @@ class LayerwiseDriver:
                 args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
                 hidden = _hidden_of(args, kwargs)
                 if i == 0:
-                    calls[i].append((args, dict(kwargs)))
+                    first.append(hidden.detach())
+                    calls[i].append(_with_hidden(args, dict(kwargs), None))
                     return
                 prev = last_out.pop(i - 1)
                 same = hidden is prev or (hidden.shape == prev.shape and torch.equal(hidden, prev))
@@ -155,7 +165,7 @@ class LayerwiseDriver:
         for i, (name, _) in enumerate(chain.units):
             if len(calls[i]) != len(samples):
                 raise RuntimeError(f"{name}: called {len(calls[i])} times for {len(samples)} samples")
-        return calls, deltas
+        return calls, deltas, first
 
     # -- one unit -----------------------------------------------------------------------------------------------
     def _linears(self, unit_name: str, unit: torch.nn.Module) -> dict[str, tuple[torch.nn.Linear, ModuleScheme]]:
@@ -170,7 +180,7 @@ class LayerwiseDriver:
 
     @torch.no_grad()
     def _run_unit(self, unit, calls, hiddens, masks, stats=None, linears=None, ptrs=None,
-                  weights=None, moe_stats=None) -> list[torch.Tensor]:
+                  weights=None, moe_stats=None) -> ActivationStore:
         hooks = []
         keep: list[torch.Tensor] = []
         current: dict[str, Any] = {}
@@ -192,7 +202,7 @@ class LayerwiseDriver:
                         keep.append(x)
                         ptrs[sub] = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                 hooks.append(mod.register_forward_pre_hook(hook))
-        outs = []
+        outs = self._store()
         try:
             for i, ((args, kwargs), h, m) in enumerate(zip(calls, hiddens, masks)):
                 current["mask"] = m
@@ -292,7 +302,7 @@ class LayerwiseDriver:
             hooks.append(block.experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
         return hooks
 
-    def _calibrate_unit(self, unit_name, unit, calls, hiddens, masks) -> list[torch.Tensor]:
+    def _calibrate_unit(self, unit_name, unit, calls, hiddens, masks) -> ActivationStore:
         t0 = time.perf_counter()
         targets = self._targets(unit_name, unit)
         if not targets:
@@ -319,9 +329,14 @@ class LayerwiseDriver:
             self.report.layers[f"{unit_name}.{s}"] = err
             self.results[f"{unit_name}.{s}"] = q
         self.install(unit_name, unit, {s: q for s, (q, _) in done.items()})
-        out = self._run_unit(unit, calls, hiddens, masks) if self.propagate == "quantized" else fp_out
+        if self.propagate == "quantized":
+            fp_out.close()
+            out = self._run_unit(unit, calls, hiddens, masks)
+        else:
+            out = fp_out
         self.report.blocks.append({"block": unit_name, "seconds": round(time.perf_counter() - t0, 3),
-                                   "peak_rss_mib": round(_max_rss_mib(), 1), "linears": len(targets)})
+                                   "peak_rss_mib": round(_max_rss_mib(), 1), "linears": len(targets),
+                                   "spilled_samples": out.spilled})
         return out
 
     def _expert_groups(self, moe_stats, stats: dict[str, InputStats]) -> list[list[str]]:
@@ -425,17 +440,19 @@ class LayerwiseDriver:
             if index + len(chain.units) <= resume_at:
                 index += len(chain.units)
                 continue
-            calls, deltas = self._capture(chain, samples)
+            calls, deltas, hiddens = self._capture(chain, samples)
             masks = [masks_of(chain, s) for s in samples]
-            hiddens = [_hidden_of(a, k) for a, k in calls[0]]
             for i, (name, unit) in enumerate(chain.units):
                 if index < resume_at:
                     index += 1
                     if index == resume_at and saved_hidden is not None:
                         hiddens = saved_hidden
                     continue
-                if i > 0:  # the model's own between-block additions (zero for plain stacks)
-                    hiddens = [h if d is None else h + d for h, d in zip(hiddens, deltas[i])]
+                if i > 0 and any(d is not None for d in deltas[i]):  # the model's own between-block additions
+                    shifted = self._store()
+                    for h, d in zip(hiddens, deltas[i]):
+                        shifted.append(h if d is None else h + d)
+                    hiddens = shifted
                 bar.set_postfix_str(name)
                 if self.streamer is not None:
                     self.streamer.materialize(name, quantized=False)
@@ -471,7 +488,8 @@ def _dist_rank_world() -> tuple[int, int]:
 class CalibrationState:
     """Progress of an interrupted calibration in `folder` (next to the output, never mistaken for a checkpoint):
     `progress.json` (written last, atomically), one `unit-NNNN.safetensors` of quantized tensors per finished block
-    (rank 0), and `hidden-rankR.safetensors` (each rank's current block outputs, when inside a chain)."""
+    (rank 0), and `hidden-NNNN-rankR/` (each rank's outputs of the block before unit NNNN, one file per sample,
+    when inside a chain; named by unit so a kill between writes never pairs progress with newer outputs)."""
 
     def __init__(self, folder, fingerprint: dict[str, Any], scheme_of: Callable[[str], ModuleScheme | None]):
         from pathlib import Path
@@ -511,11 +529,16 @@ class CalibrationState:
         driver.report.layers.update(prog["layer_errors"])
         hidden = None
         rank, _ = _dist_rank_world()
-        hfile = self.folder / f"hidden-rank{rank}.safetensors"
-        if prog.get("mid_chain") and hfile.is_file():
-            h = load_file(str(hfile))
-            hidden = [h[str(i)] for i in range(len(h))]
+        hdir = self._hidden_dir(int(prog["next_unit"]), rank)
+        if prog.get("mid_chain"):
+            if not hdir.is_dir():
+                raise ValueError(f"{self.folder}: saved progress is inside a chain but {hdir.name} is missing")
+            hidden = ActivationStore.of_files(sorted(hdir.glob("*.safetensors")))
         return int(prog["next_unit"]), hidden
+
+    def _hidden_dir(self, next_unit: int, rank: int):
+        """Outputs of the block before `next_unit` on `rank`: one safetensors file per sample (read lazily)."""
+        return self.folder / f"hidden-{next_unit:04d}-rank{rank}"
 
     def save(self, driver: LayerwiseDriver, next_unit: int, unit_name: str, hiddens: list[torch.Tensor],
              last_in_chain: bool) -> None:
@@ -524,12 +547,19 @@ class CalibrationState:
 
         from safetensors.torch import save_file
 
+        import shutil
+
         rank, world = _dist_rank_world()
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not last_in_chain:
-            tmp = self.folder / f"hidden-rank{rank}.tmp.safetensors"
-            save_file({str(i): h.contiguous() for i, h in enumerate(hiddens)}, str(tmp))
-            os.replace(tmp, self.folder / f"hidden-rank{rank}.safetensors")
+        if not last_in_chain:  # written under a new name, so the progress file never points at newer outputs
+            hdir = self._hidden_dir(next_unit, rank)
+            tmp = hdir.with_name(hdir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for i, h in enumerate(hiddens):
+                save_file({"t": h.contiguous()}, str(tmp / f"{i:06d}.safetensors"))
+            shutil.rmtree(hdir, ignore_errors=True)
+            os.replace(tmp, hdir)
         import torch.distributed as dist
 
         if world > 1:
@@ -537,6 +567,7 @@ class CalibrationState:
         if rank != 0:
             if world > 1:
                 dist.barrier()  # rank 0 has written this block's unit file (weight streaming reads it back)
+            self._drop_old_hidden(next_unit, rank)
             return
         prog = self._progress() or {"fingerprint": self.fingerprint, "unit_files": [], "unit_of": {},
                                     "layer_errors": {}, "file_of_unit": {}}
@@ -558,6 +589,14 @@ class CalibrationState:
         os.replace(tmp, self.folder / "progress.json")
         if world > 1:
             dist.barrier()
+        self._drop_old_hidden(next_unit, rank)
+
+    def _drop_old_hidden(self, next_unit: int, rank: int) -> None:
+        import shutil
+
+        for d in self.folder.glob(f"hidden-*-rank{rank}"):
+            if d != self._hidden_dir(next_unit, rank):
+                shutil.rmtree(d, ignore_errors=True)
 
     def unit_quantized(self, unit_name: str) -> dict[str, QuantizedLinear] | None:
         """The calibrated modules of block `unit_name` (`{sub name: QuantizedLinear}`), None if not calibrated."""

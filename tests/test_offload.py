@@ -57,3 +57,15 @@ def test_offload_peak_memory_does_not_grow_with_depth_on_a_2b_config(tmp_path):
     # ~0.75 GiB; streamed, the peak stays within allocator noise.
     assert peaks[5] < peaks[2] + 256, peaks
     assert max(peaks.values()) < PEAK_BOUND_MIB, peaks
+
+
+def test_spilled_activations_give_the_same_checkpoint(tiny_dir, quantized_dir, tmp_path):
+    """--max-activation-mib 0: every block's hidden states go to disk and come back one sample at a time."""
+    ref = quantized_dir("qwen3_vl_moe", "gptq", wbits=4)
+    out = calibrate(tiny_dir("qwen3_vl_moe"), tmp_path / "ckpt",
+                    CalibrationConfig(method="gptq", wbits=4, group_size=32, num_samples=8, max_activation_mib=0),
+                    progress=False)
+    report = json.loads((out / "vllm_qe_report.json").read_text())
+    assert all(b["spilled_samples"] == 8 for b in report["blocks"])
+    a, b = load_tensors(ref), load_tensors(out)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [] and set(a) == set(b)
