@@ -544,10 +544,9 @@ class CalibrationState:
              last_in_chain: bool) -> None:
         import json
         import os
+        import shutil
 
         from safetensors.torch import save_file
-
-        import shutil
 
         rank, world = _dist_rank_world()
         self.folder.mkdir(parents=True, exist_ok=True)
