@@ -90,11 +90,27 @@ def _set_param(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
+def bound_allocator(threshold: int = 1 << 20) -> bool:
+    """Serve allocations >= `threshold` bytes with mmap (glibc `mallopt(M_MMAP_THRESHOLD)`), so that the blocks and
+    activations freed one block at a time go back to the system. Without it glibc raises its threshold dynamically
+    after large frees and the heap fragments: measured on the 2B config, peak RSS then crept ~60 MiB per block
+    (docs/benchmarks/calibration-memory.md). Returns False where there is no glibc (the bound then loosens)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 def load_skeleton(model_dir: str | Path, unit_paths: Callable[[torch.nn.Module], list[str]],
                   dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, TensorSource]:
     """The model on `meta` with everything outside the blocks named by `unit_paths(model)` loaded."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    bound_allocator()
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)

@@ -42,7 +42,7 @@ def _calibrate_peak(model, out) -> float:
 
 # Resident parts of the 2B config in float32: embeddings (tied head) 151936 x 1536 = 0.87 GiB; the largest block
 # (the 5120-wide merger, its quantized and dequantized copies, RTN temporaries) and the activations of 4 samples.
-PEAK_BOUND_MIB = 3584
+PEAK_BOUND_MIB = 3072
 
 
 def test_offload_peak_memory_does_not_grow_with_depth_on_a_2b_config(tmp_path):
@@ -54,8 +54,8 @@ def test_offload_peak_memory_does_not_grow_with_depth_on_a_2b_config(tmp_path):
         peaks[depth] = _calibrate_peak(model, tmp_path / f"q{depth}")
         assert inspect_checkpoint(tmp_path / f"q{depth}").moe == {}
     # 6 more blocks (3 language layers of ~180 MiB, 3 vision blocks of ~75 MiB in float32) held in memory would add
-    # ~0.75 GiB; streamed, the peak stays within allocator noise.
-    assert peaks[5] < peaks[2] + 256, peaks
+    # ~0.75 GiB; streamed (with the allocator bound, streaming.bound_allocator), the peak stays flat.
+    assert peaks[5] < peaks[2] + 128, peaks
     assert max(peaks.values()) < PEAK_BOUND_MIB, peaks
 
 
