@@ -44,15 +44,21 @@ def test_vllm_matches_fake_quant_transformers(arch, method, cfg, quantized_dir, 
     assert_same(v, h, LOGPROB_ATOL)
 
 
-def test_vllm_rejects_missing_tensor_with_its_name(quantized_dir, tmp_path):
+def _without_tensor(src, name: str, tmp_path):
+    """A copy of checkpoint `src` with tensor `name` removed."""
     import shutil
 
-    src = quantized_dir("qwen2_vl", "rtn", wbits=4, abits=8)
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
     t = load_file(str(bad / "model.safetensors"))
-    t.pop("model.layers.1.mlp.down_proj.weight_scale")
+    t.pop(name)
     save_file(t, str(bad / "model.safetensors"))
+    return bad
+
+
+def test_vllm_rejects_missing_tensor_with_its_name(quantized_dir, tmp_path):
+    src = quantized_dir("qwen2_vl", "rtn", wbits=4, abits=8)
+    bad = _without_tensor(src, "model.layers.1.mlp.down_proj.weight_scale", tmp_path)
     with pytest.raises(RuntimeError, match=r"model\.layers\.1\.mlp\.down_proj\.weight_scale: missing"):
         run_vllm(bad, make_requests(bad, tmp_path, n=1), tmp_path, timeout=300)
     # and an unknown format version
@@ -86,13 +92,7 @@ def test_tensor_parallel_2_gives_the_same_greedy_tokens(arch, method, cfg, quant
 
 
 def test_vllm_rejects_an_moe_checkpoint_missing_one_expert_tensor(quantized_dir, tmp_path):
-    import shutil
-
     src = quantized_dir("qwen3_vl_moe", "rtn", wbits=4, abits=None)
-    bad = tmp_path / "bad"
-    shutil.copytree(src, bad)
-    t = load_file(str(bad / "model.safetensors"))
-    t.pop("model.language_model.layers.1.mlp.experts.5.up_proj.weight_zero_point")
-    save_file(t, str(bad / "model.safetensors"))
+    bad = _without_tensor(src, "model.language_model.layers.1.mlp.experts.5.up_proj.weight_zero_point", tmp_path)
     with pytest.raises(RuntimeError, match=r"layers\.1\.mlp\.experts\.5\.up_proj\.weight_zero_point: missing"):
         run_vllm(bad, make_requests(bad, tmp_path, n=1), tmp_path, timeout=300)
