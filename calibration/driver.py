@@ -345,6 +345,12 @@ class LayerwiseDriver:
         group (one smoothing vector searched over every expert's tokens)."""
         groups: list[list[str]] = []
         for bsub, ms in moe_stats.items():
+            _, world = _dist_rank_world()
+            if world > 1:  # routing counts of all ranks' samples (InputStats reduce their own)
+                import torch.distributed as dist
+
+                for key in ("n_text", "n_vision", "layer"):
+                    dist.all_reduce(ms[key])
             layer_text, layer_vision = (int(v) for v in ms["layer"])
             gate_up: list[str] = []
             for e, (gu, dn) in enumerate(zip(ms["gate_up"], ms["down"])):
