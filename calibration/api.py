@@ -290,15 +290,14 @@ def _gradient_stats(model, chains, ds, processor, samples, img_tok, config, sche
         perturbed = _rtn_unit_outputs(model, chains, samples, scheme_of)
     gs = collect_gradients(model, chains, samples, masks, img_tok, starts, mode=mode, perturbed=perturbed)
     _, world = _init_distributed()
-    if world > 1 and gs.vision_text_ratio:
+    if world > 1 and gs.sums:
         import torch.distributed as dist
 
-        names = sorted(gs.vision_text_ratio)
-        t = torch.tensor([gs.vision_text_ratio[n] for n in names] + [gs.gamma], dtype=torch.float64)
+        names = sorted(gs.sums)  # ranks see different samples: sum the gradient magnitudes and counts, then divide
+        t = torch.tensor([gs.sums[n] for n in names], dtype=torch.float64)
         dist.all_reduce(t)
-        t /= world  # ranks see different samples: average their ratios
-        gs.vision_text_ratio = dict(zip(names, t[:-1].tolist()))
-        gs.gamma = float(t[-1])
+        gs.sums = dict(zip(names, t.tolist()))
+        gs.finalize()
     return gs
 
 

@@ -21,6 +21,20 @@ class GradientStats:
     token_weight: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # unit -> per sample [T], mean 1
     vision_text_ratio: dict[str, float] = field(default_factory=dict)  # unit -> g_vis / g_text (language blocks)
     gamma: float = 1.0  # VEQ: mean |g| over text tokens / over vision tokens (language model)
+    # unit -> [Σ|g| vision, Σ|g| text, N vision, N text] (what ranks all-reduce before `finalize`)
+    sums: dict[str, list[float]] = field(default_factory=dict)
+
+    def finalize(self) -> None:
+        """Ratios from the sums: per language block g_vis / g_text floored at their median (MBQ), and γ."""
+        ratios = {}
+        for name, (vs, ts, vn, tn) in self.sums.items():
+            ratios[name] = (vs / max(vn, 1)) / max(ts / max(tn, 1), 1e-30)
+        if not ratios:
+            return
+        med = sorted(ratios.values())[len(ratios) // 2]
+        self.vision_text_ratio = {k: max(v, med) for k, v in ratios.items()}
+        vs, ts, vn, tn = (sum(v[i] for v in self.sums.values()) for i in range(4))
+        self.gamma = (ts / max(tn, 1)) / max(vs / max(vn, 1), 1e-30)
 
 
 def _labels(sample: dict[str, torch.Tensor], image_token: int, answer_start: int | None) -> torch.Tensor:
@@ -100,16 +114,6 @@ def collect_gradients(model: torch.nn.Module, chains: list[Chain], samples: list
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-    for name in vis_sum:
-        gv = vis_sum[name] / max(vis_n[name], 1)
-        gt = txt_sum[name] / max(txt_n[name], 1)
-        out.vision_text_ratio[name] = gv / max(gt, 1e-30)
-    if out.vision_text_ratio:
-        ratios = sorted(out.vision_text_ratio.values())
-        med = ratios[len(ratios) // 2]
-        # MBQ: each layer's ratio, floored at the median over layers.
-        out.vision_text_ratio = {k: max(v, med) for k, v in out.vision_text_ratio.items()}
-        tv = sum(vis_sum.values()) / max(sum(vis_n.values()), 1)
-        tt = sum(txt_sum.values()) / max(sum(txt_n.values()), 1)
-        out.gamma = tt / max(tv, 1e-30)
+    out.sums = {name: [vis_sum[name], txt_sum[name], float(vis_n[name]), float(txt_n[name])] for name in vis_sum}
+    out.finalize()
     return out

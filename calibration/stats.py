@@ -127,9 +127,11 @@ class InputStats:
         if self.max_tokens:
             parts: list = [None] * dist.get_world_size()
             dist.all_gather_object(parts, (self.sample, self.sample_vision, self.sample_weight))
-            self.sample = torch.cat([p[0] for p in parts])[: self.max_tokens]
-            self.sample_vision = torch.cat([p[1] for p in parts])[: self.max_tokens]
-            self.sample_weight = torch.cat([p[2] for p in parts])[: self.max_tokens]
+            parts = [p for p in parts if p[0] is not None]  # a rank no token reached (an MoE expert)
+            if parts:
+                self.sample = torch.cat([p[0] for p in parts])[: self.max_tokens]
+                self.sample_vision = torch.cat([p[1] for p in parts])[: self.max_tokens]
+                self.sample_weight = torch.cat([p[2] for p in parts])[: self.max_tokens]
 
     def ensure_channel_counts(self) -> None:
         """Zero top-k counts for a layer that saw no tokens (an MoE expert nobody was routed to)."""
