@@ -16,9 +16,9 @@ from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, W
 from vllm_qe.kernels import reference
 
 
-def _stats(x, vision=None, **kw) -> InputStats:
+def _stats(x, vision=None, weight=None, **kw) -> InputStats:
     st = InputStats(x.shape[1], **kw)
-    st.update(x, torch.zeros(x.shape[0], dtype=torch.bool) if vision is None else vision)
+    st.update(x, torch.zeros(x.shape[0], dtype=torch.bool) if vision is None else vision, weight)
     return st
 
 
@@ -130,6 +130,17 @@ def test_qe_routed_experts_beat_lqer_of_same_total_rank_on_the_token_subsets():
         e_lqer = float((_out(lqer, x[rows]) - ref[rows]).norm())
         e_rtn = float((_out(rtn, x[rows]) - ref[rows]).norm())
         assert e_qe < 0.8 * e_lqer < e_rtn, (i, e_qe, e_lqer, e_rtn)
+
+
+def test_qe_fit_stays_finite_when_token_weights_zero_a_whole_token_group():
+    """TLQ weights can be 0 for every token of one routed group (regression: 0/0 in that group's Gram -> NaN)."""
+    x, w, kind, _ = _planted_layer(n_tokens=1000)
+    tw = (kind != 2).float()  # token kind 2 gets no importance at all
+    st = _stats(x, gram=True, max_tokens=4000, topk=12, channel_score=w.abs().mean(0), weight=tw)
+    scheme = ModuleScheme(WeightScheme(3, 32, False), None, AdapterScheme())
+    q = qe_fit(w, st, scheme, QEParams(k=4, num_routed=4, shared_rank=4, routed_rank=8), None, "rtn",
+               st.sample_weight)
+    assert all(torch.isfinite(t).all() for t in (q.shared_a, q.shared_b, q.routed_a, q.routed_b, q.router))
 
 
 def test_qe_exempt_channels_dequantize_to_zero_and_shared_expert_restores_them():
