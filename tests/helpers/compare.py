@@ -31,14 +31,15 @@ def make_requests(ckpt: Path, tmp: Path, n: int = 3) -> list[dict]:
 
 
 def run_vllm(ckpt: Path, reqs: list[dict], tmp: Path, tp: int = 1, max_tokens: int = 6, quant: bool = True,
-             timeout: int = 600) -> list[dict]:
-    req_file, out_file = tmp / "requests.json", tmp / f"vllm_out_tp{tp}.json"
+             timeout: int = 600, ep: bool = False) -> list[dict]:
+    req_file, out_file = tmp / "requests.json", tmp / f"vllm_out_tp{tp}{'_ep' if ep else ''}.json"
     req_file.write_text(json.dumps(reqs))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     cmd = [sys.executable, str(HERE / "vllm_generate.py"), str(ckpt), str(req_file), str(out_file),
-           "--tp", str(tp), "--max-tokens", str(max_tokens)] + ([] if quant else ["--no-quant"])
+           "--tp", str(tp), "--max-tokens", str(max_tokens)] + ([] if quant else ["--no-quant"]) + \
+        (["--ep"] if ep else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"vLLM failed (rc={r.returncode}):\n{r.stderr[-6000:]}")

@@ -1,6 +1,6 @@
 """Run vLLM offline on a checkpoint and dump greedy tokens + top logprobs as JSON (used by the tests).
 
-usage: python vllm_generate.py CKPT REQUESTS.json OUT.json [--tp N]
+usage: python vllm_generate.py CKPT REQUESTS.json OUT.json [--tp N] [--ep]
 REQUESTS.json: [{"prompt": str, "image": path}, ...]
 """
 
@@ -25,10 +25,13 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=6)
     p.add_argument("--no-quant", action="store_true")
+    p.add_argument("--ep", action="store_true", help="expert parallelism over the TP ranks (MoE)")
     a = p.parse_args()
     with open(a.requests) as f:
         reqs = json.load(f)
     kw = engine_kwargs(a.ckpt, tensor_parallel_size=a.tp)
+    if a.ep:
+        kw["enable_expert_parallel"] = True
     if a.no_quant:
         kw.pop("quantization")
     if a.tp > 1:
