@@ -69,19 +69,24 @@ def test_vllm_rejects_missing_tensor_with_its_name(quantized_dir, tmp_path):
         run_vllm(bad, make_requests(bad, tmp_path, n=1), tmp_path, timeout=300)
 
 
-@pytest.mark.parametrize("arch, method, cfg", [
-    ("qwen2_vl", "rtn", dict(wbits=4, abits=8, group_size=16)),
-    ("qwen2_vl", "qe", dict(wbits=4, abits=6, group_size=16, method_params=QE_SMALL)),
+MOE_QE = dict(wbits=4, abits=None, group_size=16, method_params={**QE_SMALL, "base": "veq"})
+
+
+@pytest.mark.parametrize("arch, method, cfg, ep", [
+    ("qwen2_vl", "rtn", dict(wbits=4, abits=8, group_size=16), False),
+    ("qwen2_vl", "qe", dict(wbits=4, abits=6, group_size=16, method_params=QE_SMALL), False),
     # MoE experts shard as vLLM shards them: w1/w3 rows and w2's input (96 -> 2 x 48 = 3 groups of 16 per rank)
-    ("qwen3_vl_moe", "qe", dict(wbits=4, abits=None, group_size=16, method_params={**QE_SMALL, "base": "veq"})),
+    ("qwen3_vl_moe", "qe", MOE_QE, False),
+    # ... or, with expert parallelism, whole experts per rank (global -> local expert ids)
+    ("qwen3_vl_moe", "qe", MOE_QE, True),
 ])
-def test_tensor_parallel_2_gives_the_same_greedy_tokens(arch, method, cfg, quantized_dir, tmp_path):
+def test_tensor_parallel_2_gives_the_same_greedy_tokens(arch, method, cfg, ep, quantized_dir, tmp_path):
     """TP=2 (two CPU workers, gloo) vs TP=1: row-parallel layers all-reduce router scores and activation scales.
     (group 16: the fixture's MLP width 352 splits into 2 x 176 = 11 groups of 16 per rank.)"""
     ckpt = quantized_dir(arch, method, **cfg)
     reqs = make_requests(ckpt, tmp_path)
     tp1 = run_vllm(ckpt, reqs, tmp_path, tp=1)
-    tp2 = run_vllm(ckpt, reqs, tmp_path, tp=2)
+    tp2 = run_vllm(ckpt, reqs, tmp_path, tp=2, ep=ep)
     assert [r["token_ids"] for r in tp1] == [r["token_ids"] for r in tp2]
     worst = max(abs(a[t] - b[t]) for r1, r2 in zip(tp1, tp2) for a, b in zip(r1["logprobs"], r2["logprobs"])
                 for t in a if t in b)
