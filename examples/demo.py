@@ -1,6 +1,7 @@
 """The main job end to end: tiny local VLM -> calibrate -> checkpoint -> vLLM OpenAI server -> image question.
 
-    python examples/demo.py [--model trained|random] [--method qe] [--wbits 4] [--abits 8] [--workdir runs/demo]
+    python examples/demo.py [--model trained|random] [--arch qwen2_vl|qwen3_vl_moe|...] [--method qe] [--wbits 4]
+                            [--abits 8] [--workdir runs/demo]
 
 `trained` (default): the tiny Qwen2-VL trained here on the generated VQA task (trained once, 17 min in the recorded run on
 2 cores, then reused from runs/vqa-qwen2vl), so the answer means something. `random`: a random-init tiny model of
@@ -19,7 +20,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--model", default="trained", choices=["trained", "random"])
-    p.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "llava"])
+    p.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "llava", "qwen3_vl_moe"],
+                   help="trained models: qwen2_vl (default) and qwen3_vl_moe (MoE experts weight-only)")
     p.add_argument("--method", default="qe")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=8)
@@ -39,12 +41,14 @@ def main() -> int:
     if a.model == "trained":
         from vllm_qe.calibration.fixtures.train_vqa import train_vqa_model
 
-        model_dir = Path("runs/vqa-qwen2vl")
+        if a.arch not in ("qwen2_vl", "qwen3_vl_moe"):
+            p.error("--model trained exists for --arch qwen2_vl and qwen3_vl_moe; use --model random for the others")
+        model_dir = Path("runs/vqa-qwen3vlmoe" if a.arch == "qwen3_vl_moe" else "runs/vqa-qwen2vl")
         if not (model_dir / "config.json").exists():
-            print(f"[1/4] training the tiny Qwen2-VL on the generated VQA task -> {model_dir} (once)")
-            train_vqa_model(model_dir)
+            print(f"[1/4] training the tiny {a.arch} on the generated VQA task -> {model_dir} (once)")
+            train_vqa_model(model_dir, arch=a.arch)
         else:
-            print(f"[1/4] reusing the trained tiny Qwen2-VL in {model_dir}")
+            print(f"[1/4] reusing the trained tiny {a.arch} in {model_dir}")
     else:
         model_dir = work / f"tiny-{a.arch}"
         print(f"[1/4] building a random-init tiny {a.arch} in {model_dir}")
