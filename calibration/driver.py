@@ -6,10 +6,13 @@ then for each unit (block) of the chain:
 1. runs the block on the cached inputs with hooks on its linear layers that stream `InputStats` (with vision/text
    token masks),
 2. groups linear layers that read the same input tensor (q/k/v, gate/up) and asks the algorithm to quantize each
-   group,
+   group; MoE experts are targets too (`<block>.experts.<e>.<proj>`, statistics streamed per expert from the
+   router's choices, see calibration/moe.py),
 3. swaps the linears for `FakeQuantLinear` and re-runs the block to produce the next block's inputs
    (`propagate="quantized"`, default) or passes the full-precision outputs on (`propagate="fp"`).
-Only one block's activations are held at a time (plus the per-sample keyword tensors the blocks share).
+Only one block's activations are held at a time (plus the per-sample keyword tensors the blocks share), in an
+`ActivationStore` that spills to disk past `max_activation_mib`; with a `streamer` (--offload) only the block
+being calibrated or run has its weights in memory.
 """
 
 from __future__ import annotations
