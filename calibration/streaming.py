@@ -37,6 +37,17 @@ def _tensor_index(model_dir: Path) -> dict[str, Path]:
     return index
 
 
+READ_CHUNK = 64 << 20  # bytes per slice when reading a large tensor
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * _DTYPE_BYTES.get(dtype, 4)
+
+
 def _header_shape(path: Path, name: str) -> tuple[int, ...]:
     with safe_open(str(path), framework="pt") as sf:
         return tuple(sf.get_slice(name).get_shape())
@@ -74,11 +85,27 @@ class TensorSource:
         raise ValueError(f"{self.dir}: tensor {disk} has shape {list(got)}, parameter {full_name} needs {list(shape)}")
 
     def read(self, disk: str, transpose: bool) -> torch.Tensor:
-        with safe_open(str(self.index[disk]), framework="pt") as sf:
-            t = sf.get_tensor(disk)
-        if transpose:
-            t = t.transpose(-1, -2)
-        return t.to(self.dtype).contiguous()
+        """The tensor in `self.dtype`, read in slices of about `READ_CHUNK` bytes along dim 0 (the file is reopened
+        per slice, so neither a full-size copy in the file's dtype nor the whole mapped file stays resident:
+        a 151936 x 1536 bfloat16 embedding costs its float32 result plus one slice)."""
+        path = str(self.index[disk])
+        with safe_open(path, framework="pt") as sf:
+            sl = sf.get_slice(disk)
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+            if not shape or _nbytes(shape, dtype) <= READ_CHUNK:
+                t = sf.get_tensor(disk)
+                return (t.transpose(-1, -2) if transpose else t).to(self.dtype).contiguous()
+        out_shape = shape[:-2] + [shape[-1], shape[-2]] if transpose else shape
+        out = torch.empty(out_shape, dtype=self.dtype)
+        step = max(1, READ_CHUNK // max(_nbytes(shape[1:], dtype), 1))
+        for r0 in range(0, shape[0], step):
+            with safe_open(path, framework="pt") as sf:
+                part = sf.get_slice(disk)[r0:r0 + step]
+            if transpose and len(shape) == 2:
+                out[:, r0:r0 + step] = part.t()
+            else:
+                out[r0:r0 + step] = part.transpose(-1, -2) if transpose else part
+        return out
 
 
 def _set_param(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
@@ -127,7 +154,8 @@ def load_skeleton(model_dir: str | Path, unit_paths: Callable[[torch.nn.Module],
 
 def _fill_buffers(model: torch.nn.Module, config, dtype: torch.dtype) -> None:
     """Non-persistent buffers (not in the checkpoint) from a real instance of the config with one layer per tower
-    and a tiny vocabulary (so it costs little memory): same names, layer indices mapped to 0."""
+    and tiny vocabulary / MLP widths (so it costs little memory; rotary tables depend on head sizes only): same
+    names, layer indices mapped to 0."""
     import copy
 
     from transformers import AutoModelForImageTextToText
@@ -139,7 +167,8 @@ def _fill_buffers(model: torch.nn.Module, config, dtype: torch.dtype) -> None:
     for sub in (small_cfg, getattr(small_cfg, "text_config", None), getattr(small_cfg, "vision_config", None)):
         if sub is None:
             continue
-        for key, value in (("num_hidden_layers", 1), ("depth", 1), ("vocab_size", 16)):
+        for key, value in (("num_hidden_layers", 1), ("depth", 1), ("vocab_size", 16), ("intermediate_size", 16),
+                           ("moe_intermediate_size", 16), ("mlp_ratio", 1)):
             if hasattr(sub, key):
                 setattr(sub, key, value)
         if hasattr(sub, "fullatt_block_indexes"):

@@ -69,3 +69,18 @@ def test_spilled_activations_give_the_same_checkpoint(tiny_dir, quantized_dir, t
     assert all(b["spilled_samples"] == 8 for b in report["blocks"])
     a, b = load_tensors(ref), load_tensors(out)
     assert [k for k in a if not torch.equal(a[k], b[k])] == [] and set(a) == set(b)
+
+
+@pytest.mark.parametrize("shape, transpose", [((37, 24), False), ((37, 24), True), ((5, 24, 10), True)])
+def test_tensor_source_reads_large_tensors_in_slices_exactly(shape, transpose, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from vllm_qe.calibration import streaming
+
+    t = torch.randn(shape).to(torch.bfloat16)
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    src = streaming.TensorSource.__new__(streaming.TensorSource)
+    src.index, src.dtype = {"w": tmp_path / "m.safetensors"}, torch.float32
+    monkeypatch.setattr(streaming, "READ_CHUNK", 100)  # a few rows per slice
+    want = (t.transpose(-1, -2) if transpose else t).float()
+    assert torch.equal(src.read("w", transpose), want)
