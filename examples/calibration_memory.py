@@ -33,7 +33,7 @@ def run(model: Path, out: Path, method: str, offload: bool) -> tuple[float, floa
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--depths", type=int, nargs="+", default=[2, 6])
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 6, 12])
     p.add_argument("--method", default="rtn")
     p.add_argument("--work", default=str(ROOT / "runs" / "scale"))
     p.add_argument("--full", action="store_true")
