@@ -30,6 +30,23 @@ def _calibrate(model, out, args, ranks: int) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def _logit_gap(one, two) -> float:
+    """Relative logit difference of two checkpoints' fake-quant models on one held-out VQA sample."""
+    from transformers import AutoProcessor
+
+    from vllm_qe.calibration.data import build_inputs
+    from vllm_qe.calibration.fakequant import load_fake_quant_model
+    from vllm_qe.calibration.fixtures.vqa import make_sample
+
+    proc = AutoProcessor.from_pretrained(str(one))
+    s = make_sample(1, 1, "test")
+    x = build_inputs(proc, s.image, s.question, s.answer)
+    with torch.no_grad():
+        la = load_fake_quant_model(one)(**x).logits
+        lb = load_fake_quant_model(two)(**x).logits
+    return float((la - lb).norm() / la.norm())
+
+
 def test_two_ranks_gptq_checkpoint_is_bit_identical(tiny_dir, tmp_path):
     _calibrate(tiny_dir("qwen2_vl"), tmp_path / "one", ["--method", "gptq"], 1)
     _calibrate(tiny_dir("qwen2_vl"), tmp_path / "two", ["--method", "gptq"], 2)
@@ -43,41 +60,17 @@ def test_two_ranks_gptq_checkpoint_is_bit_identical(tiny_dir, tmp_path):
 def test_two_ranks_qe_checkpoint_matches_within_tolerance(tiny_dir, tmp_path):
     """QE: float summation order differs between 1 and 2 ranks; it can move a k-means assignment or a rounding
     decision, so the checkpoints are compared in function space: logits within 1 %."""
-    from transformers import AutoProcessor
-
-    from vllm_qe.calibration.data import build_inputs
-    from vllm_qe.calibration.fakequant import load_fake_quant_model
-    from vllm_qe.calibration.fixtures.vqa import make_sample
-
     args = ["--method", "qe", "--method-params", QE, "--abits", "8"]
     _calibrate(tiny_dir("qwen2_vl"), tmp_path / "one", args, 1)
     _calibrate(tiny_dir("qwen2_vl"), tmp_path / "two", args, 2)
-    proc = AutoProcessor.from_pretrained(str(tmp_path / "one"))
-    s = make_sample(1, 1, "test")
-    x = build_inputs(proc, s.image, s.question, s.answer)
-    with torch.no_grad():
-        la = load_fake_quant_model(tmp_path / "one")(**x).logits
-        lb = load_fake_quant_model(tmp_path / "two")(**x).logits
-    assert float((la - lb).norm() / la.norm()) < 0.01
+    assert _logit_gap(tmp_path / "one", tmp_path / "two") < 0.01
 
 
 @pytest.mark.slow
 def test_two_ranks_moe_veq_checkpoint_matches_within_tolerance(tiny_dir, tmp_path):
     """MoE + VEQ-ME+MA over 2 ranks: per-expert statistics, routing counts and gradient sums (γ) are all-reduced;
     summation order and the reservoir's sample order differ, so the checkpoints agree in function space."""
-    from transformers import AutoProcessor
-
-    from vllm_qe.calibration.data import build_inputs
-    from vllm_qe.calibration.fakequant import load_fake_quant_model
-    from vllm_qe.calibration.fixtures.vqa import make_sample
-
     args = ["--method", "veq", "--method-params", json.dumps({"mode": "me+ma"}), "--wbits", "3"]
     _calibrate(tiny_dir("qwen3_vl_moe"), tmp_path / "one", args, 1)
     _calibrate(tiny_dir("qwen3_vl_moe"), tmp_path / "two", args, 2)
-    proc = AutoProcessor.from_pretrained(str(tmp_path / "one"))
-    s = make_sample(1, 1, "test")
-    x = build_inputs(proc, s.image, s.question, s.answer)
-    with torch.no_grad():
-        la = load_fake_quant_model(tmp_path / "one")(**x).logits
-        lb = load_fake_quant_model(tmp_path / "two")(**x).logits
-    assert float((la - lb).norm() / la.norm()) < 0.02
+    assert _logit_gap(tmp_path / "one", tmp_path / "two") < 0.02
