@@ -141,11 +141,8 @@ def qe_fused_moe_packed(
         return fused_moe_qe(x, (w13_packed, w13_scale, w13_zero), (w2_packed, w2_scale, w2_zero), bits, group_size,
                             topk_ids, topk_weights, _pair(a13, b13), _pair(a2, b2), smooth13=smooth13,
                             smooth2=smooth2)
-    H, ip = x.shape[1], w13_packed.shape[1] // 2
-    w13 = torch.stack([dequantize_packed(w13_packed[e], w13_scale[e], None if w13_zero is None else w13_zero[e], bits,
-                                         group_size, H) for e in range(w13_packed.shape[0])])
-    w2 = torch.stack([dequantize_packed(w2_packed[e], w2_scale[e], None if w2_zero is None else w2_zero[e], bits,
-                                        group_size, ip) for e in range(w2_packed.shape[0])])
+    w13 = dequantize_packed(w13_packed, w13_scale, w13_zero, bits, group_size, x.shape[1])
+    w2 = dequantize_packed(w2_packed, w2_scale, w2_zero, bits, group_size, w13_packed.shape[1] // 2)
     if smooth13 is not None:
         w13, w2 = w13 / smooth13[:, None, :].float(), w2 / smooth2[:, None, :].float()
     return reference.fused_moe(x, w13, w2, topk_ids, topk_weights, _pair(a13, b13), _pair(a2, b2))

@@ -243,13 +243,12 @@ def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
 def _moe_summary(qcfg: QEConfig, modules: dict[str, tuple[int, int]], grouped, tensors) -> dict[str, dict[str, int]]:
     """Per MoE layer (per-expert modules `<experts>.<e>.{gate,up,down}_proj`): check that every expert has all three
     projections with consistent shapes, and summarise them."""
-    import re
-
     blocks: dict[str, dict[int, dict[str, tuple[int, int]]]] = {}
     for mod, shape in modules.items():
-        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)", mod)
-        if m:
-            blocks.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = shape
+        parsed = spec.parse_expert_name(mod)
+        if parsed:
+            path, e, proj = parsed
+            blocks.setdefault(path, {}).setdefault(e, {})[proj] = shape
     out = {}
     for path, experts in blocks.items():
         n = max(experts) + 1

@@ -18,8 +18,12 @@ def zero_points(scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> to
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                       group_size: int, in_features: int) -> torch.Tensor:
-    """float32 `[out, in]` weight straight from the checkpoint tensors (`zero` None = symmetric)."""
-    return dequantize(unpack(packed, bits, in_features), scale.float(), zero_points(scale, zero, bits), group_size)
+    """float32 `[..., out, in]` weight straight from the checkpoint tensors `[..., out, words]` / `[..., out, G]`
+    (`zero` None = symmetric); leading dimensions (MoE experts) are kept."""
+    g = scale.shape[-1]
+    w = dequantize(unpack(packed.reshape(-1, packed.shape[-1]), bits, in_features), scale.reshape(-1, g).float(),
+                   zero_points(scale, zero, bits).reshape(-1, g), group_size)
+    return w.reshape(*packed.shape[:-1], in_features)
 
 
 @dataclass

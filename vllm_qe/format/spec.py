@@ -24,6 +24,13 @@ FORMAT_VERSION = 1
 # of compressed-tensors and of vLLM's expert weight loader); this override key gives them their own scheme.
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_OVERRIDE = r"re:.*\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
+_EXPERT_NAME = re.compile(r"(?P<path>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)")
+
+
+def parse_expert_name(name: str) -> tuple[str, int, str] | None:
+    """`(experts path, expert index, projection)` of a per-expert module name, else None."""
+    m = _EXPERT_NAME.fullmatch(name)
+    return None if m is None else (m["path"], int(m["e"]), m["proj"])
 
 
 class FormatError(ValueError):

@@ -129,12 +129,10 @@ class QEMoEMethod(FusedMoEMethodBase):
             layer.qe_smooth = (smooth13, smooth2)
             return
         # CPU: dequantize once (smoothing folded out: experts are weight-only) and drop the packed copies.
-        w13 = torch.stack([dequantize_packed(layer.w13_weight_packed.data[e], layer.w13_weight_scale.data[e],
-                                             None if zero13 is None else zero13.data[e], w.bits, w.group_size, H)
-                           for e in range(E)])
-        w2 = torch.stack([dequantize_packed(layer.w2_weight_packed.data[e], layer.w2_weight_scale.data[e],
-                                            None if zero2 is None else zero2.data[e], w.bits, w.group_size, ip)
-                          for e in range(E)])
+        w13 = dequantize_packed(layer.w13_weight_packed.data, layer.w13_weight_scale.data,
+                                None if zero13 is None else zero13.data, w.bits, w.group_size, H)
+        w2 = dequantize_packed(layer.w2_weight_packed.data, layer.w2_weight_scale.data,
+                               None if zero2 is None else zero2.data, w.bits, w.group_size, ip)
         if smooth13 is not None:
             w13, w2 = w13 / smooth13[:, None, :], w2 / smooth2[:, None, :]
         layer.qe_w13 = torch.nn.Parameter(w13, requires_grad=False)
