@@ -23,7 +23,6 @@ from vllm_qe.calibration.model_structure import (
     get_chains,
     image_token_id,
 )
-from vllm_qe.calibration.moe import parse_expert_name
 from vllm_qe.format import checkpoint as ckpt
 from vllm_qe.format.spec import (
     EXPERT_OVERRIDE,
@@ -33,6 +32,7 @@ from vllm_qe.format.spec import (
     QEConfig,
     WeightScheme,
     matches_any,
+    parse_expert_name,
 )
 
 
@@ -139,20 +139,18 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
                     adapters=_algorithm_adapters(algo), smooth=algo.uses_smoothing(act is not None),
                     algorithm={"name": config.method, "params": config.method_params})
     experts_disk = expert_checkpoint_names(model)
-    expert_ov = _expert_override(algo, act)
-    if experts_disk and qcfg.module_scheme("") != QEConfig(**{**qcfg.__dict__, "overrides": {
-            EXPERT_OVERRIDE: expert_ov}}).module_scheme("x.experts.0.gate_proj"):
-        qcfg.overrides[EXPERT_OVERRIDE] = expert_ov
+    if experts_disk:
+        qcfg.overrides[EXPERT_OVERRIDE] = _expert_override(algo, act)
+        if qcfg.module_scheme("x.experts.0.gate_proj") == qcfg.module_scheme("x"):
+            del qcfg.overrides[EXPERT_OVERRIDE]  # the experts' scheme is the default one: no override needed
     qcfg.validate()
 
     chains = [c for c in get_chains(model, model_type)
               if (c.tower == "language" and config.quantize_language)
               or (c.tower != "language" and config.quantize_vision)]
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if source is None:
-        disk = {**checkpoint_names(model, all_linears), **experts_disk}
-    else:  # a meta skeleton has no record of transformers' load-time renames: ask the safetensors index
-        disk = {**checkpoint_names(model, all_linears), **experts_disk}
+    disk = {**checkpoint_names(model, all_linears), **experts_disk}
+    if source is not None:  # a meta skeleton has no record of transformers' load-time renames: ask the index
         for n in all_linears:
             with contextlib.suppress(KeyError):  # tied weights (lm_head) are not in the files
                 disk[n] = source.locate(f"{n}.weight", tuple(model.get_submodule(n).weight.shape))[0][:-7]

@@ -35,14 +35,15 @@ from vllm_qe.calibration.moe import (
     ExpertInfo,
     FakeQuantExperts,
     expert_inputs,
+    expert_module_names,
     expert_weight,
     find_moe_blocks,
-    parse_expert_name,
+    group_expert_modules,
     routed_tokens,
 )
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.spec import EXPERT_PROJS, ModuleScheme
+from vllm_qe.format.spec import EXPERT_PROJS, ModuleScheme, parse_expert_name
 
 REPORT_TOKENS = 256
 
@@ -194,11 +195,7 @@ class LayerwiseDriver:
                 def hook(m, inp, sub=sub):
                     x = inp[0]
                     t = x.reshape(-1, x.shape[-1])
-                    mask = current["mask"]
-                    if mask.numel() != t.shape[0]:
-                        mask = torch.full((t.shape[0],), bool(mask.all()))
-                    w = current.get("weight")
-                    stats[sub].update(t, mask, w if w is not None and w.numel() == t.shape[0] else None)
+                    stats[sub].update(t, *_token_mask_weight(current, t.shape[0]))
                     if ptrs is not None and sub not in ptrs:
                         # Keep the tensor alive so its memory cannot be reused by a later input of another
                         # layer (identity by address alone grouped o_proj with gate/up).
@@ -223,7 +220,7 @@ class LayerwiseDriver:
         out = {sub: (mod.weight, mod.bias, scheme) for sub, (mod, scheme) in self._linears(unit_name, unit).items()}
         for bsub, block in find_moe_blocks(unit).items():
             experts = block.experts
-            names = [f"{bsub}.experts.{e}.{p}" for e in range(experts.gate_up_proj.shape[0]) for p in EXPERT_PROJS]
+            names = expert_module_names(f"{bsub}.experts", experts.gate_up_proj.shape[0])
             schemes = {n: self.scheme_of(f"{unit_name}.{n}") for n in names}
             picked = [n for n in names if schemes[n] is not None]
             if picked and len(picked) != len(names):
@@ -261,9 +258,9 @@ class LayerwiseDriver:
             dn = [self._new_stats(experts.down_proj.shape[2], scheme,
                                   experts.down_proj[e].detach().float().abs().mean(0), unit_name)
                   for e in range(n_exp)]
+            # the experts' routed-token counts per modality are the gate/up statistics' own counts
             out[bsub] = {"gate_up": gu, "down": dn, "affinity": bool(req and req.affinity),
-                         "n_text": torch.zeros(n_exp, dtype=torch.long), "n_vision": torch.zeros(n_exp, dtype=torch.long),
-                         "layer": torch.zeros(2, dtype=torch.long)}
+                         "layer": torch.zeros(2, dtype=torch.long)}  # the layer's (text, vision) tokens
         return out
 
     def _moe_hooks(self, unit, moe_stats, current) -> list:
@@ -280,11 +277,8 @@ class LayerwiseDriver:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 index = args[1] if len(args) > 1 else kwargs["top_k_index"]
                 x = hidden.reshape(-1, hidden.shape[-1])
-                vision = current["mask"]
-                if vision.numel() != x.shape[0]:
-                    vision = torch.full((x.shape[0],), bool(vision.all()))
-                tw = current.get("weight")
-                tw = tw.float() if tw is not None and tw.numel() == x.shape[0] else torch.ones(x.shape[0])
+                vision, tw = _token_mask_weight(current, x.shape[0])
+                tw = torch.ones(x.shape[0]) if tw is None else tw.float()
                 probs = current[f"probs:{bsub}"]
                 ms["layer"] += torch.tensor([int((~vision).sum()), int(vision.sum())])
                 for e in range(len(ms["gate_up"])):
@@ -295,8 +289,6 @@ class LayerwiseDriver:
                     w = tw[tok]
                     if ms["affinity"]:
                         w = w * probs[tok, e] * torch.where(v, 1.0, self.gamma)
-                    ms["n_vision"][e] += int(v.sum())
-                    ms["n_text"][e] += int((~v).sum())
                     xin, inter = expert_inputs(mod, e, x[tok])
                     ms["gate_up"][e].update(xin, v, w)
                     ms["down"][e].update(inter, v, w)
@@ -349,18 +341,16 @@ class LayerwiseDriver:
         groups: list[list[str]] = []
         for bsub, ms in moe_stats.items():
             _, world = _dist_rank_world()
-            if world > 1:  # routing counts of all ranks' samples (InputStats reduce their own)
+            if world > 1:  # the layer's token counts over all ranks' samples (InputStats reduce their own)
                 import torch.distributed as dist
 
-                for key in ("n_text", "n_vision", "layer"):
-                    dist.all_reduce(ms[key])
+                dist.all_reduce(ms["layer"])
             layer_text, layer_vision = (int(v) for v in ms["layer"])
             gate_up: list[str] = []
             for e, (gu, dn) in enumerate(zip(ms["gate_up"], ms["down"])):
                 gu.all_reduce()
                 dn.all_reduce()
-                info = ExpertInfo(e, int(ms["n_text"][e]), int(ms["n_vision"][e]), layer_text, layer_vision,
-                                  self.gamma)
+                info = ExpertInfo(e, gu.n_tokens - gu.n_vision, gu.n_vision, layer_text, layer_vision, self.gamma)
                 names = [f"{bsub}.experts.{e}.{p}" for p in EXPERT_PROJS]
                 for n in names:
                     stats[n] = gu if not n.endswith("down_proj") else dn
@@ -376,21 +366,13 @@ class LayerwiseDriver:
     def install(self, unit_name: str, unit: torch.nn.Module, quantized: dict[str, QuantizedLinear]) -> None:
         """Swap the quantized modules of `unit` (`{sub name: QuantizedLinear}`) for their fake-quant twins: linears
         one by one, MoE experts a whole block at a time."""
-        blocks: dict[str, dict[int, dict[str, QuantizedLinear]]] = {}
-        for sub, q in quantized.items():
-            parsed = parse_expert_name(sub)
-            if parsed is None:
-                lin = unit.get_submodule(sub)
-                self._replace(unit, sub, q, lin.bias, self.scheme_of(f"{unit_name}.{sub}"))
-            else:
-                path, e, proj = parsed
-                blocks.setdefault(path, {}).setdefault(e, {})[proj] = q
+        linears, blocks = group_expert_modules(quantized)
+        for sub, q in linears.items():
+            self._replace(unit, sub, q, unit.get_submodule(sub).bias, self.scheme_of(f"{unit_name}.{sub}"))
         for path, per_expert in blocks.items():
-            experts = unit.get_submodule(path)
             parent, _, child = path.rpartition(".")
             _swap(unit.get_submodule(parent) if parent else unit, child,
-                  FakeQuantExperts([per_expert[e] for e in range(len(per_expert))], experts.act_fn),
-                  self.streamer is not None)
+                  FakeQuantExperts(per_expert, unit.get_submodule(path).act_fn), self.streamer is not None)
 
     def _replace(self, unit: torch.nn.Module, sub: str, q: QuantizedLinear, bias, scheme: ModuleScheme) -> None:
         act = scheme.activation.bits if scheme.activation else None
@@ -479,6 +461,16 @@ class LayerwiseDriver:
         return self.results
 
 
+def _token_mask_weight(current: dict[str, Any], n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The current sample's vision mask and token weights for a layer input of `n` tokens: a layer whose token
+    count differs from the sample's (a vision block's patches) gets the sample's one modality and no weights."""
+    mask = current["mask"]
+    if mask.numel() != n:
+        mask = torch.full((n,), bool(mask.all()))
+    w = current.get("weight")
+    return mask, w if w is not None and w.numel() == n else None
+
+
 def _swap(parent: torch.nn.Module, child: str, new: torch.nn.Module, record: bool) -> None:
     """Replace `parent.child`; with `record` (weight streaming) remember the original, which `release` puts back."""
     if record:
@@ -513,28 +505,18 @@ class CalibrationState:
         p = self.folder / "progress.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def load(self, driver: LayerwiseDriver) -> tuple[int, list[torch.Tensor] | None]:
-        from safetensors.torch import load_file
-
-        from vllm_qe.format.checkpoint import group_module_tensors
-
+    def load(self, driver: LayerwiseDriver) -> tuple[int, ActivationStore | None]:
         prog = self._progress()
         if prog is None:
             return 0, None
         if prog["fingerprint"] != self.fingerprint:
             raise ValueError(f"{self.folder}: saved progress belongs to another calibration config; "
                              "remove the folder or rerun with the same settings")
-        for unit_file in prog["unit_files"] if driver.streamer is None else []:  # streaming: loaded on demand
-            t = load_file(str(self.folder / unit_file))
-            mods = sorted({k.rpartition(".")[0] for k in t})
-            per_unit: dict[str, dict[str, QuantizedLinear]] = {}
-            for full, suffixes in group_module_tensors(set(t), mods).items():
-                q = QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()}, self.scheme_of(full))
-                driver.results[full] = q
-                unit_name = prog["unit_of"][full]
-                per_unit.setdefault(unit_name, {})[full[len(unit_name) + 1:]] = q
-            for unit_name, qs in per_unit.items():
-                driver.install(unit_name, driver.model.get_submodule(unit_name), qs)
+        for unit_name, unit_file in prog["file_of_unit"].items() if driver.streamer is None else ():
+            qs = self._read_unit(unit_file)  # (streaming: blocks are loaded on demand instead)
+            driver.results.update(qs)
+            driver.install(unit_name, driver.model.get_submodule(unit_name),
+                           {full[len(unit_name) + 1:]: q for full, q in qs.items()})
         driver.report.layers.update(prog["layer_errors"])
         hidden = None
         rank, _ = _dist_rank_world()
@@ -577,8 +559,8 @@ class CalibrationState:
                 dist.barrier()  # rank 0 has written this block's unit file (weight streaming reads it back)
             self._drop_old_hidden(next_unit, rank)
             return
-        prog = self._progress() or {"fingerprint": self.fingerprint, "unit_files": [], "unit_of": {},
-                                    "layer_errors": {}, "file_of_unit": {}}
+        prog = self._progress() or {"fingerprint": self.fingerprint, "file_of_unit": {}, "unit_of": {},
+                                    "layer_errors": {}}
         new = {n: q for n, q in driver.results.items() if n.startswith(unit_name + ".")}
         if new:
             fname = f"unit-{next_unit:04d}.safetensors"
@@ -588,8 +570,7 @@ class CalibrationState:
                 prog["unit_of"][n] = unit_name
                 prog["layer_errors"][n] = driver.report.layers.get(n)
             save_file(tensors, str(self.folder / fname))
-            prog["unit_files"].append(fname)
-            prog.setdefault("file_of_unit", {})[unit_name] = fname
+            prog["file_of_unit"][unit_name] = fname
         prog["next_unit"] = next_unit
         prog["mid_chain"] = not last_in_chain
         tmp = self.folder / "progress.tmp.json"
@@ -608,18 +589,20 @@ class CalibrationState:
 
     def unit_quantized(self, unit_name: str) -> dict[str, QuantizedLinear] | None:
         """The calibrated modules of block `unit_name` (`{sub name: QuantizedLinear}`), None if not calibrated."""
+        fname = (self._progress() or {}).get("file_of_unit", {}).get(unit_name)
+        if fname is None:
+            return None
+        return {full[len(unit_name) + 1:]: q for full, q in self._read_unit(fname).items()}
+
+    def _read_unit(self, fname: str) -> dict[str, QuantizedLinear]:
+        """`{full module name: QuantizedLinear}` of one block's unit file."""
         from safetensors.torch import load_file
 
         from vllm_qe.format.checkpoint import group_module_tensors
 
-        prog = self._progress()
-        fname = (prog or {}).get("file_of_unit", {}).get(unit_name)
-        if fname is None:
-            return None
         t = load_file(str(self.folder / fname))
         mods = sorted({k.rpartition(".")[0] for k in t})
-        return {full[len(unit_name) + 1:]: QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()},
-                                                                         self.scheme_of(full))
+        return {full: QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()}, self.scheme_of(full))
                 for full, suffixes in group_module_tensors(set(t), mods).items()}
 
     def quantized_names(self) -> list[str]:

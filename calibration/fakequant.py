@@ -79,10 +79,10 @@ def load_fake_quant_model(ckpt_dir, dtype: torch.dtype = torch.float32):
 def _load_fake_quant_experts(model, qcfg, tensors, grouped) -> set[str]:
     """Swap every fused-experts module whose per-expert modules are in the checkpoint for `FakeQuantExperts`."""
     from vllm_qe.calibration.model_structure import expert_checkpoint_names
-    from vllm_qe.calibration.moe import FakeQuantExperts, parse_expert_name
+    from vllm_qe.calibration.moe import FakeQuantExperts, group_expert_modules
     from vllm_qe.format.checkpoint import validate_module
 
-    blocks: dict[str, dict[int, dict[str, QuantizedLinear]]] = {}
+    quantized: dict[str, QuantizedLinear] = {}
     replaced = set()
     for name, disk in expert_checkpoint_names(model).items():
         if disk not in grouped:
@@ -90,14 +90,14 @@ def _load_fake_quant_experts(model, qcfg, tensors, grouped) -> set[str]:
         scheme = qcfg.module_scheme(disk)
         t = {s: tensors[n] for s, n in grouped[disk].items()}
         validate_module(disk, t, scheme)
-        path, e, proj = parse_expert_name(name)
-        blocks.setdefault(path, {}).setdefault(e, {})[proj] = QuantizedLinear.from_tensors(t, scheme)
+        quantized[name] = QuantizedLinear.from_tensors(t, scheme)
         replaced.add(disk)
+    _, blocks = group_expert_modules(quantized)
     for path, per_expert in blocks.items():
         experts = model.get_submodule(path)
         n = experts.gate_up_proj.shape[0]
-        if len(per_expert) != n or any(len(v) != 3 for v in per_expert.values()):
+        if len(per_expert) != n:
             raise ValueError(f"{path}: the checkpoint has quantized modules for only some of its {n} experts")
         parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, FakeQuantExperts([per_expert[e] for e in range(n)], experts.act_fn))
+        setattr(model.get_submodule(parent), child, FakeQuantExperts(per_expert, experts.act_fn))
     return replaced

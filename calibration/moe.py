@@ -9,16 +9,13 @@ the checkpoint writes them per expert as `<experts>.<e>.{gate_proj,up_proj,down_
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.spec import EXPERT_PROJS
+from vllm_qe.format.spec import EXPERT_PROJS, parse_expert_name
 from vllm_qe.kernels import reference
-
-_EXPERT_NAME = re.compile(r"(?P<path>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)")
 
 
 def is_fused_experts(mod: torch.nn.Module) -> bool:
@@ -37,10 +34,27 @@ def expert_module_names(experts_path: str, num_experts: int) -> list[str]:
     return [f"{experts_path}.{e}.{p}" for e in range(num_experts) for p in EXPERT_PROJS]
 
 
-def parse_expert_name(name: str) -> tuple[str, int, str] | None:
-    """`(experts path, expert index, projection)` of a per-expert module name, else None."""
-    m = _EXPERT_NAME.fullmatch(name)
-    return None if m is None else (m["path"], int(m["e"]), m["proj"])
+def group_expert_modules(
+    quantized: dict[str, QuantizedLinear],
+) -> tuple[dict[str, QuantizedLinear], dict[str, list[dict[str, QuantizedLinear]]]]:
+    """Split `{module name: QuantizedLinear}` into the other modules and, per experts path, the per-expert
+    `{projection: QuantizedLinear}` in expert order; an expert or projection missing from the set is an error."""
+    others: dict[str, QuantizedLinear] = {}
+    blocks: dict[str, dict[int, dict[str, QuantizedLinear]]] = {}
+    for name, q in quantized.items():
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            others[name] = q
+        else:
+            path, e, proj = parsed
+            blocks.setdefault(path, {}).setdefault(e, {})[proj] = q
+    out = {}
+    for path, per_expert in blocks.items():
+        n = max(per_expert) + 1
+        if len(per_expert) != n or any(len(per_expert[e]) != len(EXPERT_PROJS) for e in per_expert):
+            raise ValueError(f"{path}: quantized modules for only some of its experts / projections")
+        out[path] = [per_expert[e] for e in range(n)]
+    return others, out
 
 
 def expert_weight(experts: torch.nn.Module, e: int, proj: str) -> torch.Tensor:

@@ -13,22 +13,9 @@ Writes docs/benchmarks/calibration-memory.md.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(model: Path, out: Path, method: str, offload: bool) -> tuple[float, float]:
-    cmd = [sys.executable, "-m", "vllm_qe.calibration.cli", "calibrate", str(model), "--out", str(out), "--method",
-           method, "--num-samples", "4", "--overwrite", "--quiet", "--no-resume"] + (["--offload"] if offload else [])
-    t0 = time.time()
-    subprocess.run(cmd, check=True, capture_output=True)
-    rep = json.loads((out / "vllm_qe_report.json").read_text())
-    return rep["peak_rss_mib"], time.time() - t0
 
 
 def main() -> int:
@@ -39,7 +26,7 @@ def main() -> int:
     p.add_argument("--full", action="store_true")
     p.add_argument("--full-in-memory", action="store_true")
     a = p.parse_args()
-    from vllm_qe.calibration.fixtures.scale_models import write_random_model
+    from vllm_qe.calibration.fixtures.scale_models import calibrate_in_subprocess, write_random_model
 
     rows = []
     runs = [(f"{d}", d, d, (False, True)) for d in a.depths]
@@ -50,8 +37,8 @@ def main() -> int:
         if not (model / "config.json").exists():
             write_random_model("qwen2_vl_2b", model, text_layers=text_layers, vision_depth=vision_depth)
         for offload in modes:
-            peak, secs = run(model, Path(a.work) / f"q-{text_layers}-{vision_depth}-{int(offload)}", a.method,
-                             offload)
+            peak, secs = calibrate_in_subprocess(model, Path(a.work) / f"q-{text_layers}-{vision_depth}-{int(offload)}",
+                                                 a.method, offload)
             rows.append((label, offload, peak, secs))
             print(f"depth {label:>18s}  {'offload  ' if offload else 'in-memory'}  peak RSS {peak:8.0f} MiB  "
                   f"{secs:6.1f} s", flush=True)

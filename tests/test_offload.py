@@ -4,8 +4,6 @@ sharded checkpoint, and keeps peak memory flat in the depth of a real-width (Qwe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,13 +31,6 @@ def test_offload_checkpoint_equals_in_memory_one(arch, method, extra, tiny_dir, 
     assert not (tmp_path / "ckpt.partial").exists()
 
 
-def _calibrate_peak(model, out) -> float:
-    cmd = [sys.executable, "-m", "vllm_qe.calibration.cli", "calibrate", str(model), "--out", str(out), "--method",
-           "rtn", "--num-samples", "4", "--offload", "--quiet"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
-    return json.loads((out / "vllm_qe_report.json").read_text())["peak_rss_mib"]
-
-
 # Resident parts of the 2B config in float32: embeddings (tied head) 151936 x 1536 = 0.87 GiB, plus the libraries
 # (~0.55 GiB); then the largest block (the 5120-wide merger or a language layer, with its quantized and
 # dequantized copies and RTN temporaries) and the activations of 4 samples. Measured: 2.3 GiB at every depth from
@@ -48,12 +39,12 @@ PEAK_BOUND_MIB = 3072
 
 
 def test_offload_peak_memory_does_not_grow_with_depth_on_a_2b_config(tmp_path):
-    from vllm_qe.calibration.fixtures.scale_models import write_random_model
+    from vllm_qe.calibration.fixtures.scale_models import calibrate_in_subprocess, write_random_model
 
     peaks = {}
     for depth in (2, 5):
         model = write_random_model("qwen2_vl_2b", tmp_path / f"m{depth}", text_layers=depth, vision_depth=depth)
-        peaks[depth] = _calibrate_peak(model, tmp_path / f"q{depth}")
+        peaks[depth], _ = calibrate_in_subprocess(model, tmp_path / f"q{depth}", "rtn", offload=True, timeout=900)
         assert inspect_checkpoint(tmp_path / f"q{depth}").moe == {}
     # 6 more blocks (3 language layers of ~180 MiB, 3 vision blocks of ~75 MiB in float32) held in memory would add
     # ~0.75 GiB; streamed (with the allocator bound, streaming.bound_allocator), the peak stays flat.

@@ -98,8 +98,8 @@ class VEQ(Algorithm):
         if len(targets) > 1 and all(e is not None for e in experts):  # all experts' gate/up: VEQ-ME
             info = experts[0]
             _, beta = modality_factors(info.gamma, 1.0, info.layer_text, info.layer_vision)
-            importance = torch.tensor([float(expert_importance(torch.tensor([e.n_text]), torch.tensor([e.n_vision]),
-                                                               e.gamma, beta)[0]) for e in experts])
+            importance = expert_importance(torch.tensor([e.n_text for e in experts]),
+                                           torch.tensor([e.n_vision for e in experts]), info.gamma, beta).float()
             xs = [t.stats.sample if t.stats.sample is not None else torch.zeros(0, t.weight.shape[1])
                   for t in targets]
             return veq_me_scales(xs, [t.weight for t in targets], importance, targets[0].scheme)
