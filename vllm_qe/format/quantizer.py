@@ -4,7 +4,9 @@ Conventions (docs/checkpoint-format.md):
 - weights `[out, in]`, groups of `group_size` consecutive input channels (`-1` = one group per row); the last
   group may be shorter than `group_size` when `in` is not a multiple of it;
 - asymmetric: `q = clamp(round(w / s) + z, 0, 2^b - 1)`, `s = (max - min) / (2^b - 1)` over a range that includes 0;
-- symmetric: `z = 2^(b-1)` fixed, `s = max|w| / (2^(b-1) - 1)`;
+- symmetric: `z = 2^(b-1)` fixed (the integers `q - z` span `[-2^(b-1), 2^(b-1) - 1]`, vLLM's `uint4b8` for
+  b = 4); the scale is `max|w| / (2^(b-1) - 1)` on the `restricted` grid (level `-2^(b-1)` unused) or
+  `max|w| / (2^(b-1) - 1/2)` on the `full` grid, which uses all 2^b levels (compressed-tensors' choice);
 - scales are rounded to float16 *before* the integers are chosen (what is stored is what was used).
 """
 
@@ -61,15 +63,24 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, -1, g)
 
 
+SYMMETRIC_GRIDS = ("restricted", "full")
+
+
 def compute_qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_ratio: float = 1.0
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0,
+    sym_grid: str = "restricted",
 ) -> WeightQuantParams:
-    """Min-max (optionally clipped by `clip_ratio`) parameters for `w` `[out, in]`."""
+    """Min-max parameters for `w` `[out, in]`, the range shrunk by `clip_ratio` (a float, or `[out, G]` per group).
+
+    `sym_grid` (symmetric only): `restricted` divides `max|w|` by `2^(b-1) - 1`; `full` by `2^(b-1) - 1/2`, so the
+    most negative level is used and the largest magnitude rounds to the grid's end (module docstring)."""
     _check(bits, group_size)
+    if sym_grid not in SYMMETRIC_GRIDS:
+        raise ValueError(f"sym_grid must be one of {SYMMETRIC_GRIDS}, got {sym_grid!r}")
     wg = _grouped(w.float(), group_size)
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = wg.abs().amax(dim=-1) * clip_ratio / qmax
+        levels = 2 ** (bits - 1) - (1.0 if sym_grid == "restricted" else 0.5)
+        scale = wg.abs().amax(dim=-1) * clip_ratio / levels
         scale = scale.clamp(min=MIN_SCALE).half().float()
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
@@ -79,6 +90,38 @@ def compute_qparams(
         scale = ((wmax - wmin) / maxq).clamp(min=MIN_SCALE).half().float()
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return WeightQuantParams(scale, zero, bits, group_size, symmetric)
+
+
+def mse_clip_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, sym_grid: str = "restricted",
+    max_shrink: float = 0.2, grid: int = 20, norm: float = 2.4, column_weight: torch.Tensor | None = None,
+) -> WeightQuantParams:
+    """Per-group clipping searched on the quantization error: the ratio in `1, 1 - max_shrink/grid, …,
+    1 - max_shrink` minimising `Σ_c column_weight_c · |w - Q(w)|^norm` over each group is kept (ties: the larger
+    ratio). `column_weight` `[in]` (e.g. the Hessian diagonal) defaults to ones. `norm` 2.4 is GPTQ's reference
+    choice for its MSE grid. The search is exhaustive over the grid, so the result is never worse than min-max
+    (ratio 1) under the searched loss."""
+    wf = w.float()
+    out_f, in_f = wf.shape
+    cw = torch.ones(in_f) if column_weight is None else column_weight.float().clamp(min=0)
+    best = compute_qparams(wf, bits, group_size, symmetric, 1.0, sym_grid)
+    best_err = _group_error(wf, best, cw, norm)
+    for i in range(1, grid + 1):
+        ratio = 1.0 - max_shrink * i / grid
+        qp = compute_qparams(wf, bits, group_size, symmetric, ratio, sym_grid)
+        err = _group_error(wf, qp, cw, norm)
+        better = err < best_err
+        if bool(better.any()):
+            best = WeightQuantParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero),
+                                     bits, group_size, symmetric)
+            best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _group_error(w: torch.Tensor, qp: WeightQuantParams, column_weight: torch.Tensor, norm: float) -> torch.Tensor:
+    """`[out, G]` weighted `Σ |w - Q(w)|^norm` per group."""
+    err = (fake_quantize_weight(w, qp) - w).abs().pow(norm) * column_weight[None, :]
+    return _grouped(err, qp.group_size).sum(dim=-1)
 
 
 def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
