@@ -27,7 +27,6 @@ from vllm_qe.format import checkpoint as ckpt
 from vllm_qe.format.spec import (
     EXPERT_OVERRIDE,
     ActivationScheme,
-    AdapterScheme,
     ModuleScheme,
     QEConfig,
     WeightScheme,
@@ -58,15 +57,11 @@ class CalibrationConfig:
     max_activation_mib: float | None = None  # one block's hidden states kept in memory; the rest spill to disk
 
 
-def _algorithm_adapters(algo) -> AdapterScheme:
-    return getattr(algo, "adapter_scheme", AdapterScheme())
-
-
 def _expert_override(algo, act: ActivationScheme | None) -> dict[str, Any]:
     """The scheme override of MoE expert modules: weight-only (the VEQ settings; the MoE method has no activation
     quantization), the algorithm's expert adapters (QE: a shared low-rank expert per MoE expert, no routed ones:
     the MoE router already makes every expert token-dependent) and whether the algorithm smooths experts."""
-    ov: dict[str, Any] = {"adapters": asdict(getattr(algo, "expert_adapter_scheme", _algorithm_adapters(algo))),
+    ov: dict[str, Any] = {"adapters": asdict(algo.expert_adapters),
                           "smooth": algo.uses_smoothing(False)}
     if act is not None:
         ov["activation"] = None
@@ -114,6 +109,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     from transformers import AutoProcessor
 
     config = config or CalibrationConfig()
+    algo = algorithms.get_algorithm(config.method, **config.method_params)
     t0 = time.time()
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
@@ -133,10 +129,9 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
         model = load_model(model_dir)
     model_type = model.config.model_type
     processor = AutoProcessor.from_pretrained(str(model_dir))
-    algo = algorithms.get_algorithm(config.method, **config.method_params)
     act = None if config.abits is None else ActivationScheme(bits=config.abits)
     qcfg = QEConfig(weight=WeightScheme(config.wbits, config.group_size, config.symmetric), activation=act,
-                    adapters=_algorithm_adapters(algo), smooth=algo.uses_smoothing(act is not None),
+                    adapters=algo.adapters, smooth=algo.uses_smoothing(act is not None),
                     algorithm={"name": config.method, "params": config.method_params})
     experts_disk = expert_checkpoint_names(model)
     if experts_disk:
@@ -194,13 +189,13 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
                                   quantized_of=state.unit_quantized, install=lambda *a: driver.install(*a))
         streamer.attach()
     grads = None
-    if config.token_importance or getattr(algo, "needs_gradients", False):
+    if config.token_importance or algo.needs_gradients:
         grads = _gradient_stats(model, chains, ds, processor, samples, img_tok, config, scheme_of)
     driver = LayerwiseDriver(model, algo, scheme_of, propagate=config.propagate, seed=config.seed,
                              progress=progress and rank == 0,
                              token_weights=grads.token_weight if grads and config.token_importance else None,
                              unit_ratio=grads.vision_text_ratio if grads else None,
-                             gamma=grads.gamma if grads else float(config.method_params.get("gamma", 1.0)),
+                             gamma=grads.gamma if grads else float(getattr(algo.config, "gamma", 1.0)),
                              max_activation_mib=config.max_activation_mib, spill_dir=str(partial / f"spill-rank{rank}"))
     driver.streamer = streamer
     results = driver.run(chains, samples, masks_of, state)

@@ -357,9 +357,9 @@ class LayerwiseDriver:
                 gu.expert = dn.expert = info
                 gate_up.extend(names[:2])
                 groups.append([names[2]])
-                if not getattr(self.algorithm, "shared_expert_scale", False):
+                if not self.algorithm.shared_expert_scale:
                     groups.append(names[:2])
-            if getattr(self.algorithm, "shared_expert_scale", False):
+            if self.algorithm.shared_expert_scale:
                 groups.append(gate_up)
         return groups
 

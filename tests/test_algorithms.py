@@ -318,3 +318,17 @@ def test_mbq_modality_weight_lowers_the_vision_token_error():
         q = get_algorithm(name, **params).quantize_group([LinearTarget("l", w, None, st, scheme)])["l"]
         errs[name] = float((_out(q, x[vision]) - x[vision] @ w.t()).norm())
     assert errs["mbq"] < errs["awq"]
+
+
+def test_unknown_or_mistyped_method_params_name_the_algorithm_and_its_keys():
+    with pytest.raises(ValueError, match=r"method 'qe': unknown parameter 'alpah'; allowed: k: int = 32, .*"
+                                         r"alpha: float = 0\.5"):
+        get_algorithm("qe", alpah=1)
+    with pytest.raises(ValueError, match=r"method 'lqer': parameter 'rank' must be int, got '8'"):
+        get_algorithm("lqer", rank="8")
+    with pytest.raises(ValueError, match=r"method 'veq': parameter 'mode' must be 'ma' \| 'me' \| 'me\+ma'"):
+        get_algorithm("veq", mode="mx")
+    with pytest.raises(ValueError, match=r"method 'rtn': unknown parameter 'damp'; allowed: \(none\)"):
+        get_algorithm("rtn", damp=0.1)
+    gptq = get_algorithm("gptq", damp=1)  # an int where a float is declared is fine
+    assert gptq.config.damp == 1.0 and isinstance(gptq.config.damp, float)

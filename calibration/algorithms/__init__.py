@@ -1,6 +1,22 @@
-"""Calibration algorithms (pure functions on tensors), registered by name."""
+"""Calibration algorithms (pure functions on tensors), registered by name.
 
-from vllm_qe.calibration.algorithms import baselines, gptq, qe, rtn, veq  # noqa: F401  (registers)
-from vllm_qe.calibration.algorithms.base import REGISTRY, Algorithm, LinearTarget, StatsRequest, get_algorithm
+The registry: one entry per algorithm file in `MODULES`; each file registers its classes with `@register`
+(base.py has the contract, compose.py the smoothing-then-quantization steps they share).
+"""
 
-__all__ = ["REGISTRY", "Algorithm", "LinearTarget", "StatsRequest", "get_algorithm"]
+import importlib
+
+from vllm_qe.calibration.algorithms.base import (
+    REGISTRY,
+    Algorithm,
+    LinearTarget,
+    StatsRequest,
+    get_algorithm,
+    register,
+)
+
+MODULES = ("rtn", "gptq", "baselines", "qe", "veq")
+for _module in MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["MODULES", "REGISTRY", "Algorithm", "LinearTarget", "StatsRequest", "get_algorithm", "register"]

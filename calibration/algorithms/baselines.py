@@ -1,37 +1,44 @@
-"""Baselines in the same driver: SmoothQuant, AWQ, MBQ, LQER (RTN and GPTQ live in their own modules)."""
+"""Baselines in the same pipeline: SmoothQuant, AWQ, MBQ, LQER (RTN and GPTQ live in their own modules), each a
+composition of `compose.Recipe` (smoothing, then quantization) plus, for LQER, a low-rank correction."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
-from vllm_qe.calibration.algorithms.gptq import gptq_quantize
+from vllm_qe.calibration.algorithms.compose import Recipe, quantize_smoothed, smooth_then_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, scaled_svd
-from vllm_qe.calibration.algorithms.rtn import rtn_quantize
-from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
+from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import dequantize
 from vllm_qe.format.spec import AdapterScheme, ModuleScheme
 
-SEARCH_TOKENS = 1024
 
-
-def _group_sample(targets: list[LinearTarget]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sampled input tokens of a group (all members read the same input): x `[T, in]`, vision `[T]`, weight `[T]`."""
-    st = targets[0].stats
-    return st.sample, st.sample_vision, st.sample_weight
+@dataclass
+class SmoothQuantConfig:
+    alpha: float = 0.5  # migration strength
 
 
 @register
 class SmoothQuant(Algorithm):
-    """s_c = max|x_c|^α / max|W_c|^(1-α) shared by the group, then RTN of W·diag(s); `alpha` (0.5)."""
+    """s_c = max|x_c|^α / max|W_c|^(1-α) shared by the group, then RTN of W·diag(s)."""
 
     name = "smoothquant"
-    smooths = True
+    Config = SmoothQuantConfig
 
-    def quantize_group(self, targets):
-        alpha = float(self.params.get("alpha", 0.5))
-        s = smoothquant_scales(targets[0].stats.abs_max, [t.weight for t in targets], alpha)
-        return {t.name: rtn_quantize(t.weight, t.scheme.weight, smooth=s) for t in targets}
+    def uses_smoothing(self, act_quantized: bool) -> bool:
+        return True
+
+    def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
+        return smooth_then_quantize(Recipe("smoothquant", "rtn", alpha=self.config.alpha), targets)
+
+
+@dataclass
+class AWQConfig:
+    base: Literal["rtn", "gptq"] = "rtn"  # the quantizer after the scale search
+    grid: int = 20  # α candidates 0, 1/grid, ...
 
 
 @register
@@ -40,49 +47,53 @@ class AWQ(Algorithm):
     `base="gptq"`). Activation quantization is included in the searched error for W+A settings."""
 
     name = "awq"
-    smooths = True
+    Config = AWQConfig
     loss = "mse"
 
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe("awq", self.config.base, grid=self.config.grid, loss=self.loss)
+
+    def uses_smoothing(self, act_quantized: bool) -> bool:
+        return True
+
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
-        return StatsRequest(gram=self.params.get("base") == "gptq", max_tokens=SEARCH_TOKENS)
+        return self.recipe.stats_request()
 
-    def token_weights(self, targets) -> torch.Tensor | None:
-        x, vis, w = _group_sample(targets)
-        return w
+    def token_weights(self, targets: list[LinearTarget]) -> torch.Tensor | None:
+        """`[T]` weights of the group's sampled tokens in the search (TLQ's when given, else 1)."""
+        return targets[0].stats.sample_weight
 
-    def quantize_group(self, targets):
-        x, _, _ = _group_sample(targets)
-        s, _ = scale_search(x, [t.weight for t in targets], targets[0].scheme,
-                            token_weight=self.token_weights(targets), grid=int(self.params.get("grid", 20)),
-                            loss=self.loss)
-        out = {}
-        for t in targets:
-            if self.params.get("base") == "gptq":
-                h = t.stats.hessian() / torch.outer(s.double(), s.double())  # inputs are x / s
-                q = gptq_quantize(t.weight * s, h, t.scheme.weight)
-                q.smooth = s
-            else:
-                q = rtn_quantize(t.weight, t.scheme.weight, smooth=s)
-            out[t.name] = q
-        return out
+    def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
+        return smooth_then_quantize(self.recipe, targets, self.token_weights(targets))
+
+
+@dataclass
+class MBQConfig(AWQConfig):
+    vision_weight: float = 1.0  # r when no gradient ratio is available
 
 
 @register
 class MBQ(AWQ):
-    """Modality-balanced AWQ: vision tokens weigh `r` = g_vision / g_text (gradient ratio, from the driver's
-    token weights when available, else the `vision_weight` parameter), loss |ΔO| (MBQ's code)."""
+    """Modality-balanced AWQ: vision tokens weigh `r` = g_vision / g_text (the block's gradient ratio from the
+    gradient pass when available, else `vision_weight`), loss |ΔO| (MBQ's code)."""
 
     name = "mbq"
+    Config = MBQConfig
     loss = "l1"
     needs_gradients = True
 
-    def token_weights(self, targets):
-        x, vis, w = _group_sample(targets)
-        r = float(self.params.get("vision_weight", 1.0))
-        ratio = getattr(targets[0].stats, "modality_ratio", None)
-        if ratio is not None:
-            r = ratio
+    def token_weights(self, targets: list[LinearTarget]) -> torch.Tensor:
+        st = targets[0].stats
+        w, vis = st.sample_weight, st.sample_vision
+        r = self.config.vision_weight if st.modality_ratio is None else st.modality_ratio
         return torch.where(vis, torch.full_like(w, r), torch.ones_like(w))
+
+
+@dataclass
+class LQERConfig:
+    rank: int = 64  # rank of the low-rank error reconstruction
+    base: Literal["rtn", "gptq"] = "rtn"
 
 
 @register
@@ -91,26 +102,23 @@ class LQER(Algorithm):
     `E·diag(s)`, `s` = mean|x| normalised by sqrt(min·max) (LQER's activation scale)."""
 
     name = "lqer"
+    Config = LQERConfig
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.rank = int(params.get("rank", 64))
-        self.adapter_scheme = AdapterScheme(shared_rank=self.rank)
+    @property
+    def adapters(self) -> AdapterScheme:
+        return AdapterScheme(shared_rank=self.config.rank)
 
-    def stats_request(self, scheme):
-        return StatsRequest(gram=self.params.get("base") == "gptq")
+    def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
+        return Recipe("none", self.config.base).stats_request()
 
-    def quantize_group(self, targets):
+    def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
         out = {}
         for t in targets:
-            q = (gptq_quantize(t.weight, t.stats.hessian(), t.scheme.weight) if self.params.get("base") == "gptq"
-                 else rtn_quantize(t.weight, t.scheme.weight))
+            q = quantize_smoothed(self.config.base, t, None)
             s = t.stats.abs_mean.clamp(min=1e-4)
             s = s / (s.min() * s.max()).sqrt()
             err = t.weight.float() - dequantize(q.qweight, q.scale, q.zero, q.group_size)
-            a, b = scaled_svd(err, s, self.rank)
-            q.shared_a, q.shared_b = pad_rank(a, b, self.rank)
+            a, b = scaled_svd(err, s, self.config.rank)
+            q.shared_a, q.shared_b = pad_rank(a, b, self.config.rank)
             out[t.name] = q
         return out
-
-

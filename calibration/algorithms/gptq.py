@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
@@ -106,15 +108,24 @@ def gptq_quantize(
     return QuantizedLinear(q_int, scale, zero, scheme.bits, scheme.group_size, scheme.symmetric)
 
 
+@dataclass
+class GPTQConfig:
+    """GPTQ's options (`--method-params` of `gptq`; also the options of GPTQ as another algorithm's base). Every
+    field is a keyword of `gptq_quantize`."""
+
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+
+
 @register
 class GPTQ(Algorithm):
-    """GPTQ with H = E[x xᵀ] (token-weighted when token weights are given); `damp` = 0.01 of mean diag."""
+    """GPTQ with H = E[x xᵀ] (token-weighted when token weights are given)."""
 
     name = "gptq"
+    Config = GPTQConfig
 
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
         return StatsRequest(gram=True)
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        damp = float(self.params.get("damp", 0.01))
-        return {t.name: gptq_quantize(t.weight, t.stats.hessian(), t.scheme.weight, damp=damp) for t in targets}
+        return {t.name: gptq_quantize(t.weight, t.stats.hessian(), t.scheme.weight, **asdict(self.config))
+                for t in targets}

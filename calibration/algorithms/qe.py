@@ -8,14 +8,15 @@ Pure functions on tensors; the evidence tags ([S] secondary notes, [I] our infer
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
+from vllm_qe.calibration.algorithms.compose import BASES, Recipe, smoothing_scales
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
-from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import compute_qparams, dequantize, quantize
@@ -24,11 +25,14 @@ from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme
 
 @dataclass
 class QEParams:
+    """QE's parameters; [S] / [I] tags as in docs/algorithms.md."""
+
     k: int = 32  # important channels per token [S]
     num_routed: int = 8  # N_r [S]
     shared_rank: int = 32  # r_s [S]
     routed_rank: int = 32  # r_r [S]
-    base: str = "auto"  # rtn | gptq | veq | smoothquant | awq | auto (smoothquant with act quant, else rtn)
+    # the base under the experts (compose.BASES); auto = smoothquant with activation quantization, else rtn
+    base: Literal["auto", "rtn", "gptq", "veq", "smoothquant", "awq"] = "auto"
     alpha: float = 0.5  # SmoothQuant migration strength
     exempt_shared: bool = True  # C_s columns exempt from direct quantization [S]
     mix: float = 0.1  # weight of the global Gram matrix in each routed expert's fit (regulariser) [I]
@@ -219,18 +223,27 @@ def refine_routed(resid: torch.Tensor, x: torch.Tensor, tw: torch.Tensor, a: tor
 
 @register
 class QuantExperts(Algorithm):
-    """QE. Parameters (JSON via --method-params): k, num_routed, shared_rank, routed_rank, base, alpha,
-    exempt_shared, mix, seed. Defaults are the paper's (32, 8, 32, 32); k is capped at in/8 for narrow layers."""
+    """QE. Parameters (`QEParams`, JSON via --method-params). Defaults are the paper's (32, 8, 32, 32); k is capped
+    at in/8 for narrow layers. `base` composes a smoothing and a quantizer (`compose.BASES`) under the experts."""
 
     name = "qe"
+    Config = QEParams
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.p = QEParams(**params)
-        self.adapter_scheme = AdapterScheme(self.p.shared_rank, self.p.num_routed,
-                                            self.p.routed_rank if self.p.num_routed else 0)
-        self.expert_adapter_scheme = AdapterScheme(self.p.expert_rank)
-        self.needs_gradients = self.p.base == "veq"  # γ of the affinity Hessian
+    @property
+    def p(self) -> QEParams:
+        return self.config
+
+    @property
+    def adapters(self) -> AdapterScheme:
+        return AdapterScheme(self.p.shared_rank, self.p.num_routed, self.p.routed_rank if self.p.num_routed else 0)
+
+    @property
+    def expert_adapters(self) -> AdapterScheme:
+        return AdapterScheme(self.p.expert_rank)
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.p.base == "veq"  # γ of the affinity Hessian
 
     def uses_smoothing(self, act_quantized: bool) -> bool:
         return self.p.base in ("smoothquant", "awq") or (self.p.base == "auto" and act_quantized)
@@ -238,29 +251,21 @@ class QuantExperts(Algorithm):
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
         return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k, affinity=self.p.base == "veq")
 
-    def _base(self, scheme: ModuleScheme) -> tuple[str, str]:
-        """(smoothing, quantizer): `auto` smooths (SmoothQuant) only when activations are quantized."""
+    def recipe(self, scheme: ModuleScheme) -> Recipe:
+        """The base under the experts: `auto` smooths (SmoothQuant) only when activations are quantized; `veq` is
+        GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)."""
         b = self.p.base
         if b == "auto":
-            return ("smoothquant", "rtn") if scheme.activation is not None else ("none", "rtn")
-        if b in ("smoothquant", "awq"):
-            return b, "rtn"
-        if b == "veq":  # VEQ-MA: GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)
-            return "none", "gptq"
-        return "none", b
+            b = "smoothquant" if scheme.activation is not None else "rtn"
+        smoothing, quantizer = BASES[b]
+        return Recipe(smoothing, quantizer, alpha=self.p.alpha)
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        scheme = targets[0].scheme
-        smoothing, quantizer = self._base(scheme)
-        st = targets[0].stats
-        s = None
-        if smoothing == "smoothquant":
-            s = smoothquant_scales(st.abs_max, [t.weight for t in targets], self.p.alpha)
-        elif smoothing == "awq":
-            s, _ = scale_search(st.sample, [t.weight for t in targets], scheme, token_weight=st.sample_weight)
+        recipe = self.recipe(targets[0].scheme)
+        s = smoothing_scales(recipe, targets, token_weight=targets[0].stats.sample_weight)
         out = {}
         for t in targets:
             # MoE experts: one shared low-rank expert of `expert_rank`, no routed ones (the MoE router routes)
             p = self.p if t.stats.expert is None else replace(self.p, shared_rank=self.p.expert_rank, num_routed=0)
-            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, p, s, quantizer, t.stats.sample_weight)
+            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, p, s, recipe.quantizer, t.stats.sample_weight)
         return out

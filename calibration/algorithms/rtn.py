@@ -20,6 +20,9 @@ def rtn_quantize(weight: torch.Tensor, scheme: WeightScheme, smooth: torch.Tenso
 
 @register
 class RTN(Algorithm):
+    """Round-to-nearest, no parameters and no calibration data (the layer loop's small token sample only feeds
+    the report's per-layer error)."""
+
     name = "rtn"
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:

@@ -11,12 +11,15 @@ hands `VEQ` the experts as linear targets whose statistics carry `ExpertInfo` (c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
+from vllm_qe.calibration.algorithms.compose import Recipe, quantize_smoothed, smoothing_scales
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
-from vllm_qe.calibration.algorithms.rtn import rtn_quantize
-from vllm_qe.calibration.algorithms.smoothing import grid_scale, quantized_output, scale_search
+from vllm_qe.calibration.algorithms.smoothing import grid_scale, quantized_output
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme, WeightScheme
 
@@ -64,8 +67,12 @@ def veq_me_scales(xs: list[torch.Tensor], weights: list[torch.Tensor], importanc
     return best_s
 
 
-SEARCH_TOKENS = 1024
 MODES = ("ma", "me", "me+ma")
+
+
+@dataclass
+class VEQConfig:
+    mode: Literal["ma", "me", "me+ma"] = "ma"
 
 
 @register
@@ -74,24 +81,28 @@ class VEQ(Algorithm):
     importance-weighted AWQ scale search shared by all experts' gate/up, then RTN) or "me+ma" (both: the shared
     scales, then GPTQ on the affinity Hessian of the scaled weights; the paper reports the two only separately).
     Layers outside MoE blocks get the same base method without expert weighting (GPTQ and/or AWQ). γ comes from
-    the driver's gradient pass; β = T_text / T_vision of each MoE layer."""
+    the gradient pass; β = T_text / T_vision of each MoE layer."""
 
     name = "veq"
+    Config = VEQConfig
     needs_gradients = True
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.mode = str(params.get("mode", "ma"))
-        if self.mode not in MODES:
-            raise ValueError(f"veq: mode must be one of {MODES}, got {self.mode!r}")
-        self.shared_expert_scale = "me" in self.mode
+    @property
+    def shared_expert_scale(self) -> bool:
+        return "me" in self.config.mode
+
+    @property
+    def recipe(self) -> Recipe:
+        """The base composition: AWQ-style smoothing for ME (expert-weighted on MoE experts), GPTQ for MA."""
+        return Recipe("awq" if "me" in self.config.mode else "none", "gptq" if "ma" in self.config.mode else "rtn")
 
     def uses_smoothing(self, act_quantized: bool) -> bool:
-        return "me" in self.mode
+        return self.recipe.smooths
 
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
-        return StatsRequest(gram="ma" in self.mode, max_tokens=SEARCH_TOKENS if "me" in self.mode else 0,
-                            affinity="ma" in self.mode)
+        req = self.recipe.stats_request()
+        req.affinity = "ma" in self.config.mode
+        return req
 
     def _scales(self, targets: list[LinearTarget]) -> torch.Tensor:
         experts = [t.stats.expert for t in targets]
@@ -106,20 +117,8 @@ class VEQ(Algorithm):
         st = targets[0].stats
         if st.sample is None or len(st.sample) == 0:
             return torch.ones(targets[0].weight.shape[1])
-        s, _ = scale_search(st.sample, [t.weight for t in targets], targets[0].scheme)
-        return s
+        return smoothing_scales(self.recipe, targets)
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        s = self._scales(targets) if "me" in self.mode else None
-        out = {}
-        for t in targets:
-            if "ma" in self.mode:
-                h = t.stats.hessian()
-                if s is not None:
-                    h = h / torch.outer(s.double(), s.double())  # the GPTQ inputs are x / s
-                q = gptq_quantize(t.weight if s is None else t.weight * s, h, t.scheme.weight)
-                q.smooth = s
-            else:
-                q = rtn_quantize(t.weight, t.scheme.weight, smooth=s)
-            out[t.name] = q
-        return out
+        s = self._scales(targets) if self.recipe.smooths else None
+        return {t.name: quantize_smoothed(self.recipe.quantizer, t, s) for t in targets}
