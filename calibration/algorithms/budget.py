@@ -1,0 +1,46 @@
+"""Adapter ranks from a byte budget: bits per weight → shared / routed ranks of one layer (or fused group).
+
+The adapters of a layer `[out, in]` store `r_s·(in + out)` (shared expert), `N_r·r_r·(in + out)` (routed experts)
+and `N_r·in` (router) values of `adapter_bits` each (16: the checkpoint stores them as float16). A budget of `b`
+bits per weight allows `b·in·out / adapter_bits` stored values. Layers fused at serving time (q/k/v, gate/up)
+must share one scheme, so their ranks come from the group's summed shape (`in`, `Σ out`).
+"""
+
+from __future__ import annotations
+
+from vllm_qe.format.spec import AdapterScheme
+
+ADAPTER_BITS = 16  # adapters, routers and smoothing vectors are stored as float16
+
+
+def adapter_values(in_f: int, out_f: int, scheme: AdapterScheme) -> int:
+    """Stored values of `scheme`'s adapters and router on a layer `[out_f, in_f]`."""
+    routed = scheme.num_routed * (scheme.routed_rank * (in_f + out_f) + in_f) if scheme.num_routed else 0
+    return scheme.shared_rank * (in_f + out_f) + routed
+
+
+def adapter_bpw(in_f: int, out_f: int, scheme: AdapterScheme, adapter_bits: int = ADAPTER_BITS) -> float:
+    """Bits per weight the adapters add to a layer `[out_f, in_f]`."""
+    return adapter_values(in_f, out_f, scheme) * adapter_bits / (in_f * out_f)
+
+
+def ranks_for_budget(in_f: int, out_f: int, budget_bpw: float, *, num_routed: int = 0, routed_share: float = 0.5,
+                     adapter_bits: int = ADAPTER_BITS) -> AdapterScheme:
+    """The largest adapters that fit `budget_bpw` bits per weight on a layer (group) `[out_f, in_f]`.
+
+    `num_routed = 0`: one shared expert of rank `⌊budget / (in + out)⌋`. Otherwise `routed_share` of the values
+    go to the routed experts (each of rank `r_r`, plus the router), the rest to the shared expert; when the
+    budget cannot pay for `num_routed` experts of rank ≥ 1 the routed part is dropped and the shared expert
+    takes the whole budget. The result never exceeds the budget (`adapter_bpw(...) <= budget_bpw`)."""
+    if budget_bpw < 0 or not 0.0 <= routed_share <= 1.0 or num_routed < 0:
+        raise ValueError(f"need budget_bpw >= 0, 0 <= routed_share <= 1, num_routed >= 0; got {budget_bpw}, "
+                         f"{routed_share}, {num_routed}")
+    values = int(budget_bpw * in_f * out_f // adapter_bits)
+    width = in_f + out_f
+    if num_routed and routed_share > 0:
+        routed_values = int(values * routed_share)
+        r_r = (routed_values // num_routed - in_f) // width
+        if r_r >= 1:
+            r_s = (values - num_routed * (r_r * width + in_f)) // width
+            return AdapterScheme(shared_rank=max(r_s, 0), num_routed=num_routed, routed_rank=r_r)
+    return AdapterScheme(shared_rank=values // width)
