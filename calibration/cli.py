@@ -33,18 +33,14 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from vllm_qe.format.checkpoint import inspect_checkpoint
+    from vllm_qe.format.checkpoint import inspect_lines
     from vllm_qe.format.spec import FormatError
 
     try:
-        summary = inspect_checkpoint(a.dir)
+        print("\n".join(inspect_lines(a.dir, modules=a.modules)))
     except FormatError as e:
         print(f"invalid checkpoint: {e}", file=sys.stderr)
         return 1
-    print("\n".join(summary.lines()))
-    if a.modules:
-        for name, (o, i) in summary.modules.items():
-            print(f"  {name}  [{o} x {i}]")
     return 0
 
 

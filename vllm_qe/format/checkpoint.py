@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,37 +21,28 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_qe.format import spec
+from vllm_qe.format.files import INCOMPLETE_MARKER, INDEX_NAME, WEIGHTS_NAME, LazyTensor, checkpoint_tensors
 from vllm_qe.format.spec import FormatError, QEConfig
+from vllm_qe.format.storage import Storage
+from vllm_qe.format.validate import (
+    group_module_tensors,
+    read_config,
+    read_qe_config,
+    validate_checkpoint,
+    validate_module,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "CheckpointSummary", "LazyTensor", "group_module_tensors",
+           "inspect_checkpoint", "inspect_lines", "lazy_tensors", "load_tensors", "read_config", "read_qe_config",
+           "validate_checkpoint", "validate_module", "write_checkpoint"]
+
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
     "chat_template.jinja", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
     "generation_config.json", "vocab.json", "merges.txt",
 )
 REPORT_NAME = "vllm_qe_report.json"
-
-
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FormatError(f"{path}: not found (is {model_dir} a model folder?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from e
-
-
-def read_qe_config(model_dir: str | Path) -> QEConfig:
-    """Parse `config.json`'s `quantization_config` (errors name the file and field)."""
-    cfg = read_config(model_dir)
-    if "quantization_config" not in cfg:
-        raise FormatError(f"{Path(model_dir) / 'config.json'}: no quantization_config (not a vllm-qe checkpoint)")
-    try:
-        return QEConfig.from_dict(cfg["quantization_config"])
-    except FormatError as e:
-        raise FormatError(f"{Path(model_dir) / 'config.json'}: {e}") from e
+_STALE = re.compile(r"\.(tmp|old)-[0-9a-f]{8}")
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -72,104 +63,25 @@ def load_tensors(model_dir: str | Path, names: set[str] | None = None) -> dict[s
     return out
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-class LazyTensor:
-    """A tensor of a safetensors file known by dtype and shape; its data is read only when `load()` is called
-    (validation reads scales, zero points and adapters, never the packed weights)."""
-
-    def __init__(self, path: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        self.path, self.name, self.dtype, self.shape = path, name, dtype, torch.Size(shape)
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def element_size(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
-
-    def load(self) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as sf:
-            return sf.get_tensor(self.name)
-
-
 def lazy_tensors(model_dir: str | Path) -> dict[str, LazyTensor]:
-    """Every tensor of a model folder as a `LazyTensor` (headers only)."""
-    out: dict[str, LazyTensor] = {}
-    for f in safetensors_files(model_dir):
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():  # noqa: SIM118
-                sl = sf.get_slice(k)
-                dt = sl.get_dtype()
-                if dt not in _ST_DTYPES:
-                    raise FormatError(f"{f.name}: tensor {k} has unsupported dtype {dt}")
-                out[k] = LazyTensor(f, k, _ST_DTYPES[dt], tuple(sl.get_shape()))
-    return out
-
-
-def _value(t: torch.Tensor | LazyTensor) -> torch.Tensor:
-    return t.load() if isinstance(t, LazyTensor) else t
-
-
-def group_module_tensors(names: list[str] | set[str], modules: list[str]) -> dict[str, dict[str, str]]:
-    """module -> {suffix: full tensor name} for every tensor whose name is `module.<format suffix>`."""
-    mods = set(modules)
-    grouped: dict[str, dict[str, str]] = defaultdict(dict)
-    for n in names:
-        mod, _, suffix = n.rpartition(".")
-        if mod in mods:
-            grouped[mod][suffix] = n
-    return grouped
-
-
-def validate_module(name: str, tensors: dict[str, torch.Tensor], scheme: spec.ModuleScheme) -> None:
-    """Check presence, dtype, shape and values of one module's tensors (keys are suffixes)."""
-    if spec.WEIGHT_SHAPE not in tensors:
-        raise FormatError(f"{name}.{spec.WEIGHT_SHAPE}: missing")
-    ws = tensors[spec.WEIGHT_SHAPE]
-    if ws.dtype != torch.int64 or tuple(ws.shape) != (2,):
-        raise FormatError(f"{name}.{spec.WEIGHT_SHAPE}: expected int64 [2], found {ws.dtype} {list(ws.shape)}")
-    out_f, in_f = (int(v) for v in _value(ws))
-    expected = spec.expected_tensors(scheme, out_f, in_f)
-    for suffix, (dtype, shape) in expected.items():
-        if suffix not in tensors:
-            raise FormatError(f"{name}.{suffix}: missing")
-        t = tensors[suffix]
-        if t.dtype != dtype:
-            raise FormatError(f"{name}.{suffix}: expected dtype {dtype}, found {t.dtype}")
-        if tuple(t.shape) != shape:
-            raise FormatError(f"{name}.{suffix}: expected shape {list(shape)}, found {list(t.shape)}")
-    extra = sorted(set(tensors) - set(expected) - {"bias"})
-    if extra:
-        raise FormatError(f"{name}.{extra[0]}: unexpected tensor for this module's scheme")
-    scale = _value(tensors[spec.WEIGHT_SCALE]).float()
-    if not torch.isfinite(scale).all():
-        raise FormatError(f"{name}.{spec.WEIGHT_SCALE}: contains NaN or Inf")
-    if (scale <= 0).any():
-        raise FormatError(f"{name}.{spec.WEIGHT_SCALE}: contains non-positive scales")
-    if spec.WEIGHT_ZERO in tensors and int(_value(tensors[spec.WEIGHT_ZERO]).max()) >= 2**scheme.weight.bits:
-        raise FormatError(f"{name}.{spec.WEIGHT_ZERO}: zero point >= 2^{scheme.weight.bits}")
-    for suffix in (spec.SMOOTH_SCALE, spec.SHARED_A, spec.SHARED_B, spec.ROUTED_A, spec.ROUTED_B, spec.ROUTER):
-        if suffix in tensors and not torch.isfinite(_value(tensors[suffix])).all():
-            raise FormatError(f"{name}.{suffix}: contains NaN or Inf")
-    if spec.SMOOTH_SCALE in tensors and (_value(tensors[spec.SMOOTH_SCALE]) <= 0).any():
-        raise FormatError(f"{name}.{spec.SMOOTH_SCALE}: contains non-positive scales")
+    """Every tensor of a model folder as a `LazyTensor` (headers only; index-aware, named errors)."""
+    return checkpoint_tensors(model_dir)
 
 
 @dataclass
 class CheckpointSummary:
-    """What `vllm-qe inspect` prints."""
+    """What `vllm-qe inspect` prints. Bytes are counted from the stored dtypes."""
 
     path: str
     config: QEConfig
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (out, in)
-    quantized_bytes: int = 0
-    adapter_bytes: int = 0
-    original_bytes: int = 0
+    quantized_bytes: int = 0  # packed weights, scales, zero points, smoothing vectors, as stored
+    adapter_bytes: int = 0  # shared/routed adapters and routers, as stored
+    original_bytes: int = 0  # the quantized modules' weights at 16 bits
     adapter_params: int = 0
     other_bytes: int = 0
+    storage: Storage = field(default_factory=Storage)
+    arch: str = ""
     # MoE: experts path -> {"experts": E, "hidden": H, "intermediate": I, "shared_rank": r, "adapter_params": n}
     moe: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -182,17 +94,18 @@ class CheckpointSummary:
         a = c.adapters
         return [
             f"checkpoint      {self.path}",
+            f"model           {self.arch}",
             f"format          quant_experts v{c.format_version}, algorithm {c.algorithm.get('name')}",
             f"scheme          W{c.weight.bits}{act} ({gs}, {sym}){' + smoothing' if c.smooth else ''}",
             f"modules         {len(self.modules)} quantized, {len(c.ignore)} ignored, "
             f"{len(c.overrides)} override(s)",
             f"adapters        shared rank {a.shared_rank}, {a.num_routed} routed x rank {a.routed_rank} "
-            f"({self.adapter_params:,} params, {self.adapter_bytes / 2**20:.2f} MiB)",
+            f"({self.adapter_params:,} params, {self.adapter_bytes / 2**20:.2f} MiB as stored)",
             f"linear weights  {self.original_bytes / 2**20:.2f} MiB at 16 bit -> "
-            f"{(self.quantized_bytes + self.adapter_bytes) / 2**20:.2f} MiB "
+            f"{(self.quantized_bytes + self.adapter_bytes) / 2**20:.2f} MiB as stored "
             f"({saved / 2**20:.2f} MiB saved, {saved / max(self.original_bytes, 1):.1%})",
-            f"other tensors   {self.other_bytes / 2**20:.2f} MiB (embeddings, norms, ignored layers)",
-        ] + self._moe_lines()
+            f"other tensors   {self.other_bytes / 2**20:.2f} MiB (embeddings, norms, biases, ignored layers)",
+        ] + self.storage.lines() + self._moe_lines()
 
     def _moe_lines(self) -> list[str]:
         if not self.moe:
@@ -206,43 +119,45 @@ class CheckpointSummary:
         return out
 
 
-def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
-    """Validate a whole checkpoint and summarise it; raises FormatError naming the first bad module/tensor.
+_ADAPTER_SUFFIXES = (spec.SHARED_A, spec.SHARED_B, spec.ROUTED_A, spec.ROUTED_B, spec.ROUTER)
 
-    Reads tensor headers, and the data of scales, zero points, shapes and adapters only (not packed weights)."""
-    model_dir = Path(model_dir)
-    qcfg = read_qe_config(model_dir)
-    tensors = lazy_tensors(model_dir)
-    grouped = group_module_tensors(set(tensors), qcfg.quantized_modules)
-    summary = CheckpointSummary(str(model_dir), qcfg)
+
+def inspect_checkpoint(model_dir: str | Path) -> CheckpointSummary:
+    """Validate a whole checkpoint (`validate_checkpoint`) and summarise it; raises FormatError naming the first bad
+    file, field or tensor."""
+    ck = validate_checkpoint(model_dir)
+    summary = CheckpointSummary(str(ck.path), ck.config, dict(ck.modules), storage=ck.storage, arch=ck.arch)
     used: set[str] = set()
-    for mod in qcfg.quantized_modules:
-        if mod not in grouped:
-            raise FormatError(f"{mod}.{spec.WEIGHT_PACKED}: missing (module listed in quantized_modules)")
-        if f"{mod}.weight" in tensors:
-            raise FormatError(f"{mod}.weight: a quantized module must not also carry a full-precision weight")
-        t = {s: tensors[n] for s, n in grouped[mod].items()}
-        scheme = qcfg.module_scheme(mod)
-        validate_module(mod, t, scheme)
-        used.update(grouped[mod].values())
-        out_f, in_f = (int(v) for v in _value(t[spec.WEIGHT_SHAPE]))
-        summary.modules[mod] = (out_f, in_f)
+    for mod, (out_f, in_f) in ck.modules.items():
         summary.original_bytes += out_f * in_f * 2
-        for s, v in t.items():
-            nbytes = v.numel() * v.element_size()
-            if s in (spec.SHARED_A, spec.SHARED_B, spec.ROUTED_A, spec.ROUTED_B, spec.ROUTER):
-                summary.adapter_bytes += v.numel() * 2  # served in 16-bit
+        for s, n in ck.grouped[mod].items():
+            v = ck.tensors[n]
+            if s in _ADAPTER_SUFFIXES:
+                summary.adapter_bytes += v.nbytes()
                 summary.adapter_params += v.numel()
             elif s not in ("bias", spec.WEIGHT_SHAPE):
-                summary.quantized_bytes += nbytes
-    summary.other_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if k not in used)
-    summary.moe = _moe_summary(qcfg, summary.modules, grouped, tensors)
+                summary.quantized_bytes += v.nbytes()
+            if s != "bias":
+                used.add(n)
+    summary.other_bytes = sum(v.nbytes() for k, v in ck.tensors.items() if k not in used)
+    summary.moe = _moe_summary(ck.config, summary.modules, ck.grouped, ck.tensors)
     return summary
 
 
+def inspect_lines(model_dir: str | Path, modules: bool = False) -> list[str]:
+    """The text of `vllm-qe inspect DIR` (raises FormatError for an invalid checkpoint); with `modules`, one line
+    per quantized module with its shape and stored bits per weight."""
+    s = inspect_checkpoint(model_dir)
+    out = s.lines()
+    if modules:
+        out += [f"  {name}  [{o} x {i}]  {s.storage.modules[name][1] / (o * i):.3f} bpw"
+                for name, (o, i) in s.modules.items()]
+    return out
+
+
 def _moe_summary(qcfg: QEConfig, modules: dict[str, tuple[int, int]], grouped, tensors) -> dict[str, dict[str, int]]:
-    """Per MoE layer (per-expert modules `<experts>.<e>.{gate,up,down}_proj`): check that every expert has all three
-    projections with consistent shapes, and summarise them."""
+    """Per MoE layer (per-expert modules `<experts>.<e>.{gate,up,down}_proj`, validated against the model): sizes
+    and adapter parameters."""
     blocks: dict[str, dict[int, dict[str, tuple[int, int]]]] = {}
     for mod, shape in modules.items():
         parsed = spec.parse_expert_name(mod)
@@ -252,15 +167,6 @@ def _moe_summary(qcfg: QEConfig, modules: dict[str, tuple[int, int]], grouped, t
     out = {}
     for path, experts in blocks.items():
         n = max(experts) + 1
-        for e in range(n):
-            have = experts.get(e, {})
-            missing = [p for p in spec.EXPERT_PROJS if p not in have]
-            if missing:
-                raise FormatError(f"{path}.{e}.{missing[0]}: missing (MoE layers carry every expert's gate/up/down)")
-            (i1, h1), (i2, h2), (h3, i3) = have["gate_proj"], have["up_proj"], have["down_proj"]
-            if not (i1 == i2 == i3 and h1 == h2 == h3) or have != experts[0]:
-                raise FormatError(f"{path}.{e}: inconsistent expert shapes {have} (expected gate/up [I, H], "
-                                  f"down [H, I], the same for every expert)")
         i, h = experts[0]["gate_proj"]
         params = sum(tensors[t].numel() for e in range(n) for p in spec.EXPERT_PROJS
                      for s, t in grouped[f"{path}.{e}.{p}"].items() if s in (spec.SHARED_A, spec.SHARED_B))
@@ -268,6 +174,24 @@ def _moe_summary(qcfg: QEConfig, modules: dict[str, tuple[int, int]], grouped, t
                      "shared_rank": qcfg.module_scheme(f"{path}.0.gate_proj").adapters.shared_rank,
                      "adapter_params": params}
     return out
+
+
+def remove_stale_writes(out_dir: Path) -> list[Path]:
+    """Remove what interrupted writes of `out_dir` left next to it (`OUT.tmp-<id>`, `OUT.old-<id>`); returns them."""
+    gone = []
+    for p in sorted(out_dir.parent.glob(f"{glob_escape(out_dir.name)}.*-*")):
+        if p.is_dir() and _STALE.fullmatch(p.name[len(out_dir.name):]):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _kill_point(step: str) -> None:
+    """Called between the writer's steps; the atomicity test replaces it to simulate a kill at each step."""
 
 
 def write_checkpoint(
@@ -281,7 +205,13 @@ def write_checkpoint(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint atomically: build `OUT.tmp-*`, validate it, then rename onto `OUT`.
+    """Write a checkpoint atomically: build `OUT.tmp-<id>` (marked unfinished), validate it, write `config.json`
+    last, unmark it, then rename it onto `OUT`.
+
+    Until the rename the temporary folder carries `.vllm_qe_incomplete` (every reader refuses it) or is a complete,
+    validated checkpoint; a kill at any step leaves no folder that passes validation without being a checkpoint.
+    Leftovers of interrupted writes of the same `OUT` are removed first. The quantization_config gets its
+    `storage` block (bits per weight counted from the written files).
 
     `tensors` go to one `model.safetensors`; `shards` ((file name, reader) pairs, read one at a time so memory is
     bounded by one shard) to several files plus the `model.safetensors.index.json` that transformers and vLLM read.
@@ -292,9 +222,11 @@ def write_checkpoint(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(out_dir)
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        (tmp / INCOMPLETE_MARKER).write_text("vllm-qe: this folder is being written; it is not a checkpoint\n")
         qconfig.validate()
         if (tensors is None) == (shards is None):
             raise ValueError("write_checkpoint: give either tensors or shards")
@@ -309,8 +241,10 @@ def write_checkpoint(
                 weight_map.update(dict.fromkeys(part, fname))
                 total += sum(v.numel() * v.element_size() for v in part.values())
                 del part
+                _kill_point("shard")
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
+        _kill_point("tensors")
         if source_dir is not None:
             for name in PROCESSOR_FILES:
                 src = Path(source_dir) / name
@@ -320,15 +254,26 @@ def write_checkpoint(
             (tmp / REPORT_NAME).write_text(json.dumps(_jsonable(report), indent=2))
         cfg = dict(model_config)
         cfg["quantization_config"] = qconfig.to_dict()
-        # config.json last: a folder without it is never mistaken for a model.
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=False))
-        inspect_checkpoint(tmp)
+        cfg["quantization_config"].pop("storage", None)
+        # re-validate what is on disk against the config about to be written
+        ck = validate_checkpoint(tmp, model_config=cfg, unfinished_ok=True)
+        cfg["quantization_config"]["storage"] = ck.storage.config_block()
+        _kill_point("validated")
         _fsync_dir(tmp)
+        # config.json last, while still marked unfinished
+        _write_synced(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=False))
+        _kill_point("config")
+        os.remove(tmp / INCOMPLETE_MARKER)
+        _fsync(tmp)
+        _kill_point("unmarked")
         old = None
         if out_dir.exists():
             old = out_dir.parent / f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out_dir, old)
+            _kill_point("moved_aside")
         os.rename(tmp, out_dir)
+        _fsync(out_dir.parent)
+        _kill_point("renamed")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -337,10 +282,27 @@ def write_checkpoint(
     return out_dir
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
+    """fsync every file of `path` and the folder itself."""
     for f in path.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    _fsync(path)
 
 
 def _jsonable(x: Any) -> Any:

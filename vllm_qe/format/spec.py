@@ -37,6 +37,15 @@ class FormatError(ValueError):
     """A checkpoint or config does not follow the format; the message names the field/module/tensor."""
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_bool(v: Any, where: str) -> None:
+    if not isinstance(v, bool):
+        raise FormatError(f"{where}: must be true or false, got {v!r}")
+
+
 @dataclass(frozen=True)
 class WeightScheme:
     bits: int = 4
@@ -44,10 +53,11 @@ class WeightScheme:
     symmetric: bool = False
 
     def validate(self, where: str) -> None:
-        if self.bits not in SUPPORTED_WEIGHT_BITS:
+        if not _is_int(self.bits) or self.bits not in SUPPORTED_WEIGHT_BITS:
             raise FormatError(f"{where}.bits: must be one of {SUPPORTED_WEIGHT_BITS}, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+        if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
             raise FormatError(f"{where}.group_size: must be a positive integer or -1, got {self.group_size!r}")
+        _check_bool(self.symmetric, f"{where}.symmetric")
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,9 @@ class ActivationScheme:
     symmetric: bool = True
 
     def validate(self, where: str) -> None:
-        if self.bits not in SUPPORTED_ACT_BITS:
+        if not _is_int(self.bits) or self.bits not in SUPPORTED_ACT_BITS:
             raise FormatError(f"{where}.bits: must be one of {SUPPORTED_ACT_BITS}, got {self.bits!r}")
+        _check_bool(self.symmetric, f"{where}.symmetric")
         if self.scheme != "per_token_dynamic" or not self.symmetric:
             raise FormatError(f"{where}: only symmetric per_token_dynamic activation quantization is supported")
 
@@ -73,11 +84,11 @@ class AdapterScheme:
     def validate(self, where: str) -> None:
         for name in ("shared_rank", "num_routed", "routed_rank"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if not _is_int(v) or v < 0:
                 raise FormatError(f"{where}.{name}: must be a non-negative integer, got {v!r}")
         if (self.num_routed > 0) != (self.routed_rank > 0):
             raise FormatError(f"{where}: num_routed and routed_rank must both be zero or both positive")
-        if self.top_k != 1:
+        if not _is_int(self.top_k) or self.top_k != 1:
             raise FormatError(f"{where}.top_k: only hard top-1 routing is defined in format v1, got {self.top_k!r}")
 
 
@@ -104,10 +115,12 @@ class QEConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantized_modules: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    # informational: stored bits per weight (vllm_qe/format/storage.py); written by the writer, checked on read
+    storage: dict[str, Any] | None = None
 
     # -- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "weight": asdict(self.weight),
@@ -119,6 +132,9 @@ class QEConfig:
             "overrides": copy.deepcopy(self.overrides),
             "quantized_modules": list(self.quantized_modules),
         }
+        if self.storage is not None:
+            d["storage"] = copy.deepcopy(self.storage)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QEConfig:
@@ -129,26 +145,41 @@ class QEConfig:
         if d.get("quant_method") != QUANT_METHOD:
             raise FormatError(f"{where}.quant_method: expected {QUANT_METHOD!r}, got {d.get('quant_method')!r}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version != FORMAT_VERSION:
             raise FormatError(
                 f"{where}.format_version: unsupported format_version {version!r} "
                 f"(this vllm-qe reads {FORMAT_VERSION})"
             )
-        known = {"quant_method", "format_version", "weight", "activation", "adapters", "smooth", "algorithm",
-                 "ignore", "overrides", "quantized_modules"}
-        unknown = sorted(set(d) - known)
+        required = ["weight", "activation", "adapters", "smooth", "algorithm", "ignore", "overrides",
+                    "quantized_modules"]
+        unknown = sorted(set(d) - set(required) - {"quant_method", "format_version", "storage"})
         if unknown:
             raise FormatError(f"{where}: unknown field(s) {unknown}")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise FormatError(f"{where}.{missing[0]}: missing (every field is written; `activation` is null for "
+                              "weight-only)")
+        _check_bool(d["smooth"], f"{where}.smooth")
+        if not isinstance(d["algorithm"], dict) or not isinstance(d["algorithm"].get("name"), str):
+            raise FormatError(f"{where}.algorithm: expected an object with a string `name`, got {d['algorithm']!r}")
+        for key in ("ignore", "quantized_modules"):
+            if not isinstance(d[key], list) or not all(isinstance(v, str) for v in d[key]):
+                raise FormatError(f"{where}.{key}: expected a list of module names, got {str(d[key])[:80]}")
+        if not isinstance(d["overrides"], dict) or not all(isinstance(v, dict) for v in d["overrides"].values()):
+            raise FormatError(f"{where}.overrides: expected an object of module name -> object")
+        if d.get("storage") is not None and not isinstance(d["storage"], dict):
+            raise FormatError(f"{where}.storage: expected an object, got {d['storage']!r}")
         cfg = cls(
-            weight=_parse(WeightScheme, d.get("weight", {}), f"{where}.weight"),
-            activation=None if d.get("activation") is None
-            else _parse(ActivationScheme, d["activation"], f"{where}.activation"),
-            adapters=_parse(AdapterScheme, d.get("adapters", {}), f"{where}.adapters"),
-            smooth=bool(d.get("smooth", False)),
-            algorithm=dict(d.get("algorithm", {"name": "unknown"})),
-            ignore=list(d.get("ignore", [])),
-            overrides=dict(d.get("overrides", {})),
-            quantized_modules=list(d.get("quantized_modules", [])),
+            weight=_parse(WeightScheme, d["weight"], f"{where}.weight", complete=True),
+            activation=None if d["activation"] is None
+            else _parse(ActivationScheme, d["activation"], f"{where}.activation", complete=True),
+            adapters=_parse(AdapterScheme, d["adapters"], f"{where}.adapters", complete=True),
+            smooth=d["smooth"],
+            algorithm=dict(d["algorithm"]),
+            ignore=list(d["ignore"]),
+            overrides=copy.deepcopy(d["overrides"]),
+            quantized_modules=list(d["quantized_modules"]),
+            storage=copy.deepcopy(d.get("storage")),
         )
         cfg.validate()
         return cfg
@@ -165,10 +196,24 @@ class QEConfig:
                     re.compile(name[3:])
                 except re.error as e:
                     raise FormatError(f"{where}.overrides[{name!r}]: invalid regular expression ({e})") from e
-            self.module_scheme(name).weight.validate(f"{where}.overrides[{name!r}].weight")
+            at = f"{where}.overrides[{name!r}]"
+            if not isinstance(ov, dict):
+                raise FormatError(f"{at}: expected an object, got {ov!r}")
             bad = sorted(set(ov) - {"weight", "activation", "adapters", "smooth"})
             if bad:
-                raise FormatError(f"{where}.overrides[{name!r}]: unknown field(s) {bad}")
+                raise FormatError(f"{at}: unknown field(s) {bad}")
+            for key, kind in (("weight", WeightScheme), ("adapters", AdapterScheme)):
+                if key in ov:
+                    _parse(kind, ov[key], f"{at}.{key}", build=False)
+            if ov.get("activation") is not None:
+                _parse(ActivationScheme, ov["activation"], f"{at}.activation", build=False)
+            if "smooth" in ov:
+                _check_bool(ov["smooth"], f"{at}.smooth")
+            sch = self.module_scheme(name)
+            sch.weight.validate(f"{at}.weight")
+            sch.adapters.validate(f"{at}.adapters")
+            if sch.activation is not None:
+                sch.activation.validate(f"{at}.activation")
 
     # -- per-module view ---------------------------------------------------------------------------------------
     def is_ignored(self, name: str) -> bool:
@@ -203,13 +248,20 @@ def matches_any(name: str, patterns: list[str]) -> bool:
     return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p for p in patterns)
 
 
-def _parse(kind: type, d: Any, where: str) -> Any:
+def _parse(kind: type, d: Any, where: str, complete: bool = False, build: bool = True) -> Any:
+    """Build a scheme dataclass from a JSON object: unknown fields are errors, and with `complete` so are missing
+    ones; `build=False` only checks the field names (a partial override)."""
     if not isinstance(d, dict):
         raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
     fields = kind.__dataclass_fields__
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise FormatError(f"{where}: unknown field(s) {unknown}")
+    missing = [f for f in fields if f not in d]
+    if complete and missing:
+        raise FormatError(f"{where}.{missing[0]}: missing")
+    if not build:
+        return None
     obj = kind(**d)
     obj.validate(where)
     return obj

@@ -58,14 +58,14 @@ class QuantExpertsConfig(QuantizationConfig):
                 self.qe.overrides.setdefault(new, v)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
-        """Validate every quantized module's tensors before the engine builds, so a bad checkpoint fails with the
-        module and tensor named (local folders only)."""
+        """Validate the whole checkpoint (`vllm_qe.format.validate`) before the engine builds, so a bad checkpoint
+        fails with the file, field or tensor named (local folders only)."""
         import os
 
-        from vllm_qe.format.checkpoint import inspect_checkpoint
+        from vllm_qe.format.validate import validate_checkpoint
 
         if os.path.isdir(model_name):
-            inspect_checkpoint(model_name)
+            validate_checkpoint(model_name)
 
     def checkpoint_modules(self, prefix: str) -> list[str]:
         """vLLM names of the checkpoint modules fused into the layer `prefix` ([] when it is not quantized)."""
