@@ -1,0 +1,135 @@
+"""Peer-benchmark fixtures (project venv): the project's tiny-model builder, resized, then briefly trained.
+
+`python benchmarks/peer/fixtures.py NAME OUT_DIR` writes an HF folder (float32 safetensors, tokenizer, processor,
+chat template) and `fixture.json` (spec + training log); a folder whose fixture.json has the same spec is reused.
+
+Why trained: a random-init tiny model (N(0, 0.02) weights, tied 512-token vocabulary) has nearly uniform
+next-token distributions, so KL(FP || Q) is tiny for every quantizer and mostly measures noise. A few hundred
+AdamW steps of next-token loss on every text token of the generated VQA chats (the project's task generator, a
+split disjoint from calibration and evaluation) give peaked, input-dependent distributions and weights with real
+structure (outlier channels), which is what GPTQ's Hessian weighting is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chats import encode_chat  # noqa: E402
+
+# name -> project tiny-model architecture, language-model widths, vision output key, training schedule.
+FIXTURES: dict[str, dict] = {
+    # Odd widths like issue 11's model: down_proj has 200 input features (no group size of 32/128 divides it).
+    "qwen2_5_vl-odd": dict(arch="qwen2_5_vl", vision_out="out_hidden_size",
+                           text=dict(hidden_size=128, intermediate_size=200, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2),
+                           steps=300, batch=16, lr=2e-3, seed=0),
+    # Wider Qwen2-VL: 2 groups of 128 per attention row, down_proj 640 = 5 x 128 (quantized at every setting).
+    "qwen2_vl-256": dict(arch="qwen2_vl", vision_out="hidden_size",
+                         text=dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2),
+                         steps=150, batch=16, lr=2e-3, seed=1),
+}
+TRAIN_SPLIT, TRAIN_SEED, N_TRAIN = "train", 1, 1200
+
+
+def _collate(batch: list[dict[str, torch.Tensor]], pad_id: int, image_token: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels = every non-image, non-padding token (the model shifts them)."""
+    n = max(b["input_ids"].shape[1] for b in batch)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, n - t.shape[1]), value=value)
+
+    out = {"input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batch]),
+           "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batch]),
+           "pixel_values": torch.cat([b["pixel_values"] for b in batch]),
+           "image_grid_thw": torch.cat([b["image_grid_thw"] for b in batch])}
+    if "mm_token_type_ids" in batch[0]:
+        out["mm_token_type_ids"] = torch.cat([pad(b["mm_token_type_ids"], 0) for b in batch])
+    labels = out["input_ids"].clone()
+    labels[(out["attention_mask"] == 0) | (labels == image_token)] = -100
+    out["labels"] = labels
+    return out
+
+
+def build_fixture(name: str, out: Path, vllm_qe: str) -> Path:
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from vllm_qe.calibration.fixtures.vqa import generate
+
+    spec = FIXTURES[name]
+    stamp = {"name": name, **spec}
+    meta = out / "fixture.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("spec") == stamp:
+        print(f"fixture {name}: cached at {out}")
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([vllm_qe, "tiny-model", spec["arch"], str(tmp), "--seed", str(spec["seed"])], check=True,
+                   stdout=subprocess.DEVNULL)
+    config = AutoConfig.from_pretrained(str(tmp))
+    for k, v in spec["text"].items():
+        setattr(config.text_config, k, v)
+    config.text_config.layer_types = ["full_attention"] * spec["text"]["num_hidden_layers"]
+    setattr(config.vision_config, spec["vision_out"], spec["text"]["hidden_size"])
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():  # the project's tiny-model init rule: N(0, 0.02) matrices, unit norms, N(0, 0.01) rest
+        for pname, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif "norm" in pname and pname.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    processor = AutoProcessor.from_pretrained(str(tmp))
+    data = [encode_chat(processor, s.image, s.question, s.answer) for s in generate(N_TRAIN, TRAIN_SEED, TRAIN_SPLIT)]
+    pad_id = processor.tokenizer.pad_token_id
+    steps, bs = spec["steps"], spec["batch"]
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    t0, log = time.time(), []
+    for step in range(steps):
+        idx = torch.randint(0, len(data), (bs,), generator=g).tolist()
+        loss = model(**_collate([data[i] for i in idx], pad_id, config.image_token_id)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": round(float(loss), 4), "seconds": round(time.time() - t0, 1)})
+            print(f"  {name}: {json.dumps(log[-1])}", flush=True)
+    model.eval()
+    model.save_pretrained(str(tmp))
+    (tmp / "fixture.json").write_text(json.dumps({"spec": stamp, "train_log": log, "n_train": N_TRAIN,
+                                                  "train_split": [TRAIN_SPLIT, TRAIN_SEED]}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=sorted(FIXTURES))
+    p.add_argument("out")
+    p.add_argument("--vllm-qe", default=str(Path(sys.executable).with_name("vllm-qe")))
+    a = p.parse_args()
+    print(f"wrote {build_fixture(a.name, Path(a.out), a.vllm_qe)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

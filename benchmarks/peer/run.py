@@ -1,0 +1,416 @@
+"""Peer benchmark: vllm-qe GPTQ against llm-compressor 0.14's GPTQ on the same fixtures, the same calibration
+tensors and the same layers, scored by one evaluator; writes docs/peer-comparison.md.
+
+    .venv/bin/python benchmarks/peer/run.py [--fixtures A,B] [--settings w4g128s,...] [--vllm-qe-params JSON]
+
+Steps (all outputs under --work, default runs/peer; the llm-compressor venv outside the repo):
+1. the llm-compressor venv (default /work/venvs/llmc: llmcompressor 0.14 + what it pins, the local CPU torch
+   wheel; idempotent — reused when it imports llmcompressor 0.14);
+2. the fixtures (fixtures.py: the project's tiny-model builder, resized, briefly trained; cached by spec);
+3. vllm-qe GPTQ per setting through its CLI (`vllm-qe calibrate ... --method gptq --method-params JSON`), wrapped
+   by project_calibrate.py, which dumps the calibration chats the project feeds its model the first time
+   (calib.safetensors: the one calibration set) and afterwards checks every run against that dump;
+4. llm-compressor `oneshot` + `GPTQModifier` (its defaults) per setting on exactly those tensors
+   (llmc_quantize.py, in its venv; checkpoints cached, keyed by setting, ignore list and the dump's sha256);
+5. evaluate.py on every checkpoint; the table with paired bootstrap intervals over chats.
+Always rerun: vllm-qe calibration and the evaluation. Cached: venv, fixtures, calibration dump, llm-compressor
+checkpoints (`--rerun-llmc` recomputes them, e.g. to retime both under the same machine load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shlex
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SETTINGS: dict[str, tuple[int, int, bool, str]] = {
+    "w4g128s": (4, 128, True, "W4 g128 symmetric"),
+    "w4g128a": (4, 128, False, "W4 g128 asymmetric"),
+    "w4g32s": (4, 32, True, "W4 g32 symmetric"),
+    "w3g128s": (3, 128, True, "W3 g128 symmetric"),
+}
+DEFAULT_FIXTURES = "qwen2_5_vl-odd,qwen2_vl-256"
+LLMC_SPEC = "llmcompressor==0.14.*"
+LM_LINEAR = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.(.+)\.weight$")
+
+
+def log(msg: str) -> None:
+    print(f"[peer {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(cmd: list[str], logfile: Path, env: dict | None = None) -> float:
+    """Run `cmd`, output to `logfile`; wall seconds. Raises with the log's tail on failure."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(logfile, "w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            cwd=REPO).returncode
+    if rc != 0:
+        tail = "".join(logfile.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"command failed (rc {rc}), log {logfile}:\n{tail}")
+    return time.time() - t0
+
+
+# -- 1. the llm-compressor venv -----------------------------------------------------------------------------------
+def llmc_versions(venv: Path) -> dict | None:
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        return None
+    code = ("import json, llmcompressor, compressed_tensors, transformers, torch; print(json.dumps({"
+            "'llmcompressor': llmcompressor.__version__, 'compressed_tensors': compressed_tensors.__version__,"
+            "'transformers': transformers.__version__, 'torch': torch.__version__}))")
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    v = json.loads(r.stdout.strip().splitlines()[-1])
+    return v if v["llmcompressor"].startswith("0.14") else None
+
+
+def ensure_llmc_venv(venv: Path, logs: Path) -> dict:
+    """llm-compressor 0.14 in its own venv. torch first, pinned to the local CPU wheel (2.13.0): with no torch
+    installed, llmcompressor's own `torch` requirement would pull a multi-GB CUDA build."""
+    v = llmc_versions(venv)
+    if v:
+        log(f"llm-compressor venv {venv}: {v}")
+        return v
+    if venv.resolve().is_relative_to(REPO.resolve()):
+        raise SystemExit(f"{venv}: keep the llm-compressor venv outside the repository")
+    log(f"building the llm-compressor venv at {venv} (minutes)")
+    sh(["python3", "-m", "venv", str(venv)], logs / "venv-create.log")
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install"]
+    sh(pip + ["--upgrade", "pip"], logs / "venv-pip.log")
+    sh(pip + ["torch==2.13.0"], logs / "venv-torch.log")
+    sh(pip + [LLMC_SPEC], logs / "venv-llmcompressor.log")
+    v = llmc_versions(venv)
+    if not v:
+        raise SystemExit(f"{venv}: llmcompressor 0.14 does not import after installation (logs in {logs})")
+    return v
+
+
+# -- layer selection --------------------------------------------------------------------------------------------
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header (no tensor data read)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def layer_plan(fixture: Path, group_size: int) -> tuple[list[str], list[str]]:
+    """(the ignore list given to both tools, the expected quantized modules as `layers.N.<path>`): language-model
+    linears whose in-features are a multiple of the group size; lm_head and the vision tower excluded."""
+    shapes = safetensors_shapes(fixture / "model.safetensors")
+    lm = {f"layers.{m[1]}.{m[2]}": s for k, s in shapes.items() if (m := LM_LINEAR.match(k)) and len(s) == 2}
+    bad = sorted({key.split(".", 2)[2] for key, s in lm.items() if s[1] % group_size})
+    keep = sorted(k for k, s in lm.items() if not s[1] % group_size)
+    ignore = ["lm_head", "re:.*visual.*"] + [r"re:.*\.layers\.\d+\." + re.escape(p) for p in bad]
+    return ignore, keep
+
+
+def canonical(name: str) -> str:
+    """`...layers.N.<path>` from a checkpoint or in-memory module name (the two tools' spellings differ)."""
+    m = re.search(r"(?:^|\.)(layers\.\d+\..+)$", name)
+    if not m or "visual" in name:
+        return "NOT-LM:" + name
+    return m[1]
+
+
+# -- 3./4. calibration --------------------------------------------------------------------------------------------
+def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ignore: list[str], calib: Path,
+                num_samples: int, logs: Path) -> dict:
+    bits, gs, sym, _ = SETTINGS[setting]
+    cli = [str(fixture), "--out", str(out), "--method", "gptq", "--wbits", str(bits), "--group-size", str(gs),
+           "--method-params", params, "--calib", "builtin:vqa", "--num-samples", str(num_samples), "--seed", "0",
+           "--overwrite", "--no-resume", "--quiet"] + (["--symmetric"] if sym else [])
+    for pat in ignore:
+        cli += ["--ignore", pat]
+    report = out.with_name(out.name + ".peer.json")
+    wall = sh([py, str(HERE / "project_calibrate.py"), "--chats", str(calib), "--report", str(report), "--", *cli],
+              logs / f"vllm-qe-{setting}.log")
+    r = json.loads(report.read_text())
+    proj = json.loads((out / "vllm_qe_report.json").read_text())
+    return {"process_seconds": round(wall, 2), "span_seconds": proj["seconds"], "identity": r["identity"],
+            "cli": "vllm-qe calibrate " + shlex.join(cli)}
+
+
+def run_llmc(venv: Path, fixture: Path, out: Path, setting: str, ignore: list[str], calib: Path, calib_sha: str,
+             logs: Path, rerun: bool) -> dict:
+    bits, gs, sym, _ = SETTINGS[setting]
+    key = {"setting": setting, "ignore": ignore, "calib_sha256": calib_sha, "fixture": fixture.name}
+    stamp = out / "peer_key.json"
+    if not rerun and stamp.is_file() and json.loads(stamp.read_text()) == key and (out / "peer_run.json").is_file():
+        r = json.loads((out / "peer_run.json").read_text())
+        r["cached"] = True
+        return r
+    cmd = [str(venv / "bin" / "python"), str(HERE / "llmc_quantize.py"), str(fixture), str(calib), str(out),
+           "--wbits", str(bits), "--group-size", str(gs), "--ignore", json.dumps(ignore)] + (
+        ["--symmetric"] if sym else [])
+    wall = sh(cmd, logs / f"llmc-{setting}.log")
+    r = json.loads((out / "peer_run.json").read_text())
+    r["process_seconds"] = round(wall, 2)
+    (out / "peer_run.json").write_text(json.dumps(r, indent=1))
+    stamp.write_text(json.dumps(key))
+    r["cached"] = False
+    return r
+
+
+# -- 5./6. statistics and the document ----------------------------------------------------------------------------
+def bootstrap(a: dict, b: dict | None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Point values and 95 % percentile intervals over chats (paired when `b` is given: the same resampled chats
+    for both, so the ratio's interval accounts for their correlation)."""
+    n = len(a["positions"])
+    rng = random.Random(seed)
+
+    def stats(r: dict, idx: list[int]) -> tuple[float, float]:
+        pos = sum(r["positions"][i] for i in idx)
+        return sum(r["kl_sum"][i] for i in idx) / pos, sum(r["top1_hits"][i] for i in idx) / pos
+
+    full = list(range(n))
+    out = {"kl": stats(a, full)[0], "top1": stats(a, full)[1]}
+    samples: dict[str, list[float]] = {"kl": [], "top1": [], "ratio": []}
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        kl, t1 = stats(a, idx)
+        samples["kl"].append(kl)
+        samples["top1"].append(t1)
+        if b is not None:
+            samples["ratio"].append(kl / stats(b, idx)[0])
+    if b is not None:
+        out["ratio"] = out["kl"] / stats(b, full)[0]
+    for k, v in samples.items():
+        if v:
+            v.sort()
+            out[k + "_ci"] = (v[int(0.025 * len(v))], v[int(0.975 * len(v)) - 1])
+    return out
+
+
+def fmt_ci(ci: tuple[float, float], digits: int = 4) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def git_state() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "calibration", "vllm_qe", "kernels"],
+                           capture_output=True, text=True, cwd=REPO).stdout.strip()
+    return head.stdout.strip() + (f" + uncommitted changes in {len(dirty.splitlines())} project file(s)"
+                                  if dirty else "")
+
+
+def write_doc(path: Path, command: str, rows: list[dict], fixtures: dict, versions: dict, params: str,
+              started: str) -> str:
+    lines = [
+        "# Peer comparison: vllm-qe GPTQ vs llm-compressor GPTQ",
+        "",
+        "Regenerate (about 30 min on 2 shared cores from nothing, about 10 min when the venv, fixtures and",
+        "llm-compressor checkpoints are cached under `runs/peer`):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Run started {started} UTC; project at {versions['project_git']}; vllm-qe `--method-params {params}`.",
+        f"llm-compressor venv: llmcompressor {versions['llmc']['llmcompressor']}, compressed-tensors "
+        f"{versions['llmc']['compressed_tensors']}, transformers {versions['llmc']['transformers']}, torch "
+        f"{versions['llmc']['torch']}; project venv: transformers {versions['project']['transformers']}, torch "
+        f"{versions['project']['torch']}.",
+        "",
+        "| fixture | setting | layers | vllm-qe GPTQ KL (top-1) [95 % CI of KL] | llm-compressor GPTQ KL (top-1) "
+        "[95 % CI of KL] | KL ratio vllm-qe / llmc [95 % CI] | bits/weight vllm-qe / llmc (16-bit scales) | "
+        "calibration s "
+        "vllm-qe / llmc (ratio) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, q = r["vllm_qe"], r["llmc"]
+        lines.append(
+            f"| {r['fixture']} | {SETTINGS[r['setting']][3]} | {r['n_layers']} | {p['kl']:.4f} ({100 * p['top1']:.1f} %) "
+            f"{fmt_ci(p['kl_ci'])} | {q['kl']:.4f} ({100 * q['top1']:.1f} %) {fmt_ci(q['kl_ci'])} | "
+            f"**{p['ratio']:.2f}** {fmt_ci(p['ratio_ci'], 2)} | {r['bpw_vllm_qe']:.3f} / {r['bpw_llmc']:.3f} "
+            f"({r['bpw16_llmc']:.3f}) | "
+            f"{r['t_vllm_qe']:.1f} / {r['t_llmc']:.1f} ({r['t_vllm_qe'] / r['t_llmc']:.2f}x) |")
+    lines += [
+        "",
+        "Columns: KL(P_FP || P_Q) in nats, full vocabulary, teacher-forced, averaged over every position of the",
+        "held-out chats (token-weighted); top-1: share of those positions where the quantized model's argmax equals",
+        "the FP model's. Intervals: 2000 bootstrap resamples of the held-out chats (percentile); the ratio's",
+        "interval is paired (both tools scored on the same resampled chats). A ratio below 1 means vllm-qe is",
+        "closer to the FP model. bits/weight: every stored per-module tensor of the quantized modules (packed",
+        "integers, scales, zero points, group indices; not the 2-element `weight_shape`) over their weight count,",
+        "at the dtypes in the files; in parentheses llm-compressor's with its scales counted at 16 bits (it stores",
+        "scales in the model's dtype, float32 for these float32 fixtures, bfloat16 for a bfloat16 model; vllm-qe",
+        "always stores float16 scales). Calibration seconds: the tool's own span from loading the FP model to the",
+        "written checkpoint (vllm-qe: `seconds` in `vllm_qe_report.json`, which also includes building the",
+        "calibration chats from images; llm-compressor: model load + `oneshot` + `save_pretrained`, timed in",
+        "llmc_quantize.py); process wall times (imports included) are in `runs/peer/<fixture>/results.json`.",
+        "Timings are from a 2-core machine shared with other jobs: read them as rough ratios.",
+        "",
+        "## Fixtures",
+        "",
+    ]
+    for name, f in fixtures.items():
+        lines.append(f"- **{name}**: {f['desc']}")
+    lines += [
+        "",
+        "## What is compared, and how it was checked",
+        "",
+        "- **Same calibration tensors.** The project's CLI takes images + questions (`--calib`), not tensors, so",
+        "  vllm-qe calibrates on its built-in chats (`--calib builtin:vqa --num-samples N --seed 0`) and",
+        "  `project_calibrate.py` records, through a forward pre-hook on the model the CLI loads, every input the",
+        "  project feeds its model (`input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`,",
+        "  `mm_token_type_ids`). The first run writes them to `calib.safetensors`; every later vllm-qe run is",
+        "  checked against that file tensor by tensor (dtype, shape, `torch.equal`). llm-compressor gets exactly",
+        "  that file through a `DataLoader` whose collate function returns the stored tensors (its dataset",
+        "  preprocessing is bypassed), and `llmc_quantize.py` records the sha256 of the tensors it handed over,",
+        "  compared here with the dump's.",
+        "- **Same layers.** The ignore list is computed once per fixture and group size from the fixture's",
+        "  safetensors (lm_head, the vision tower and the language-model linears whose in-features are not a",
+        "  multiple of the group size) and passed to both (`--ignore` / `GPTQModifier(ignore=...)`). The modules",
+        "  found quantized in each checkpoint's own files are compared with each other and with the plan.",
+        "- **One evaluator** (`evaluate.py`, project venv): compressed-tensors checkpoints are unpacked by its own",
+        "  reader (pack-quantized bitstream, zero points packed along the output dimension, optional g_idx) and",
+        "  vllm-qe checkpoints by the project's format functions; the dequantized weights replace the FP weights",
+        "  in a copy of the fixture, which transformers loads. For vllm-qe checkpoints the substituted model is",
+        "  compared with the project's fake-quant loader (what vLLM serves) on the first chat.",
+        "- **llm-compressor settings**: `GPTQModifier(config_groups={Linear: int, group, num_bits, group_size,",
+        "  symmetric})` with its GPTQ defaults (actorder static, dampening_frac 0.01, block_size 128, min-max",
+        "  observer), `sequential_targets` = the decoder layer class, default `quantization_aware_calibration`",
+        "  (each layer calibrated on the outputs of the already-quantized ones, as vllm-qe's default",
+        "  `--propagate quantized`).",
+        "",
+        "Checks of this run:",
+        "",
+    ]
+    for r in rows:
+        lines.append(f"- {r['fixture']} {r['setting']}: {r['checks']}")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fixtures", default=DEFAULT_FIXTURES)
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--vllm-qe-params", default="{}", help="JSON passed as `--method-params` to vllm-qe's GPTQ")
+    p.add_argument("--num-calib", type=int, default=32)
+    p.add_argument("--num-eval", type=int, default=48)
+    p.add_argument("--work", default=str(REPO / "runs" / "peer"))
+    p.add_argument("--llmc-venv", default="/work/venvs/llmc")
+    p.add_argument("--project-python", default=str(REPO / ".venv" / "bin" / "python"))
+    p.add_argument("--doc", default=str(REPO / "docs" / "peer-comparison.md"))
+    p.add_argument("--rerun-llmc", action="store_true", help="recompute the cached llm-compressor checkpoints")
+    a = p.parse_args()
+    json.loads(a.vllm_qe_params)
+    fixtures = [f for f in a.fixtures.split(",") if f]
+    settings = [s for s in a.settings.split(",") if s]
+    for s in settings:
+        if s not in SETTINGS:
+            raise SystemExit(f"--settings: unknown {s!r}; choose from {sorted(SETTINGS)}")
+    started = time.strftime("%Y-%m-%d %H:%M")
+    work = Path(a.work).resolve()
+    logs = work / "logs"
+    py = a.project_python
+    env_threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    os.environ.update(env_threads)
+
+    llmc_v = ensure_llmc_venv(Path(a.llmc_venv), logs)
+    pv = subprocess.run([py, "-c", "import json, torch, transformers; print(json.dumps({'torch': torch.__version__,"
+                         " 'transformers': transformers.__version__}))"], capture_output=True, text=True, check=True)
+    versions = {"llmc": llmc_v, "project": json.loads(pv.stdout), "project_git": git_state()}
+    rows, fixture_info = [], {}
+    for fx in fixtures:
+        fdir = work / "fixtures" / fx
+        log(f"fixture {fx}")
+        sh([py, str(HERE / "fixtures.py"), fx, str(fdir)], logs / f"fixture-{fx}.log")
+        meta = json.loads((fdir / "fixture.json").read_text())
+        spec, tl = meta["spec"], meta["train_log"]
+        fixture_info[fx] = {"desc": (
+            f"`vllm-qe tiny-model {spec['arch']} --seed {spec['seed']}` resized to language-model widths "
+            f"{json.dumps(spec['text'])}, re-initialised N(0, 0.02) and trained {spec['steps']} AdamW steps "
+            f"(batch {spec['batch']}, lr {spec['lr']}) on next-token loss over the text of generated VQA chats "
+            f"(train split, disjoint from calibration and evaluation; loss {tl[0]['loss']} -> {tl[-1]['loss']}). "
+            "Trained because random-init logits are nearly uniform and give tiny, noise-dominated KL.")}
+        fwork = work / fx
+        calib = fwork / f"calib-builtin-vqa-n{a.num_calib}-seed0.safetensors"
+        eval_chats = fwork / f"eval-test-seed7-n{a.num_eval}.safetensors"
+        ckpts, per_setting = [], {}
+        for st in settings:
+            bits, gs, sym, _ = SETTINGS[st]
+            ignore, expected = layer_plan(fdir, gs)
+            tag = hashlib.sha256(a.vllm_qe_params.encode()).hexdigest()[:8]
+            qdir = fwork / "vllm-qe" / f"{st}-{tag}"
+            log(f"{fx} {st}: vllm-qe GPTQ ({len(expected)} layers)")
+            vq = run_vllm_qe(py, fdir, qdir, st, a.vllm_qe_params, ignore, calib, a.num_calib, logs / fx)
+            from_dump = vq["identity"].get("sha256_reference")
+            if not from_dump:
+                raise RuntimeError(f"{fx} {st}: vllm-qe's calibration chats were not captured: "
+                                   f"{vq['identity']}")
+            ldir = fwork / "llmc" / st
+            log(f"{fx} {st}: llm-compressor GPTQ")
+            lc = run_llmc(Path(a.llmc_venv), fdir, ldir, st, ignore, calib, from_dump, logs / fx, a.rerun_llmc)
+            per_setting[st] = {"vllm_qe": vq, "llmc": lc, "ignore": ignore, "expected": expected,
+                               "calib_sha256": from_dump, "vllm_qe_dir": str(qdir), "llmc_dir": str(ldir)}
+            ckpts += [qdir, ldir]
+        log(f"{fx}: evaluating {len(ckpts)} checkpoints on {a.num_eval} held-out chats")
+        eval_json = fwork / "eval.json"
+        eval_json.unlink(missing_ok=True)
+        sh([py, str(HERE / "evaluate.py"), str(fdir), str(eval_chats), str(eval_json), "--num-eval",
+            str(a.num_eval)] + [str(c) for c in ckpts], logs / fx / "evaluate.log")
+        ev = json.loads(eval_json.read_text())
+        for st in settings:
+            ps = per_setting[st]
+            e_q, e_l = ev[ps["vllm_qe_dir"]], ev[ps["llmc_dir"]]
+            mods_q = sorted(map(canonical, e_q["modules"]))
+            mods_l = sorted(map(canonical, e_l["modules"]))
+            mods_l_mem = sorted(map(canonical, ps["llmc"]["quantized_modules"]))
+            ident = ps["vllm_qe"]["identity"]
+            checks = []
+            checks.append(f"layers {'identical' if mods_q == mods_l == ps['expected'] == mods_l_mem else 'DIFFER'}"
+                          f" ({len(mods_q)} vllm-qe, {len(mods_l)} llm-compressor, {len(ps['expected'])} planned)")
+            checks.append(f"vllm-qe chats = dump: {ident.get('verified')} ({ident.get('calls')} forward calls, "
+                          f"{ident.get('distinct')} distinct)")
+            checks.append("llm-compressor chats = dump: "
+                          f"{ps['llmc']['samples']['sha256'] == ps['calib_sha256']} "
+                          f"({len(ps['llmc']['samples']['indices_fed'])} chats fed, sha256 "
+                          f"{ps['calib_sha256'][:12]})")
+            if e_q.get("fakequant_max_abs_logprob_diff") is not None:
+                checks.append(f"substituted vs project fake-quant loader: max |Δ log p| "
+                              f"{e_q['fakequant_max_abs_logprob_diff']:.1e}")
+            if ps["llmc"].get("cached"):
+                checks.append("llm-compressor checkpoint and timing reused from the cache")
+            bq = bootstrap(e_q, e_l)
+            bl = bootstrap(e_l, None)
+            rows.append({"fixture": fx, "setting": st, "n_layers": len(mods_q), "vllm_qe": bq, "llmc": bl,
+                         "bpw_vllm_qe": e_q["bpw"], "bpw_llmc": e_l["bpw"], "bpw16_llmc": e_l["bpw_16bit_floats"],
+                         "t_vllm_qe": ps["vllm_qe"]["span_seconds"], "t_llmc": ps["llmc"]["seconds"]["span"],
+                         "checks": "; ".join(checks), "process_seconds": {
+                             "vllm_qe": ps["vllm_qe"]["process_seconds"],
+                             "llmc": ps["llmc"].get("process_seconds")}})
+        (fwork / "results.json").write_text(json.dumps({"rows": [r for r in rows if r["fixture"] == fx],
+                                                        "settings": per_setting}, indent=1, default=str))
+    cmd = ".venv/bin/python benchmarks/peer/run.py" + "".join(
+        f" {k} {shlex.quote(v)}" for k, v, d in (("--fixtures", a.fixtures, DEFAULT_FIXTURES),
+                                                  ("--settings", a.settings, ",".join(SETTINGS)),
+                                                  ("--vllm-qe-params", a.vllm_qe_params, "{}"),
+                                                  ("--num-calib", str(a.num_calib), "32"),
+                                                  ("--num-eval", str(a.num_eval), "48")) if v != d)
+    text = write_doc(Path(a.doc), cmd, rows, fixture_info, versions, a.vllm_qe_params, started)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
