@@ -16,8 +16,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+from vllm_qe.format.quantizer import fake_quantize_activation  # noqa: E402
+from vllm_qe.kernels.triton import gemm, launcher  # noqa: E402
 from vllm_qe.kernels.triton.gemm import qe_gemm  # noqa: E402
-from vllm_qe.kernels.triton.lora import align_tokens, lowrank_add_  # noqa: E402
+from vllm_qe.kernels.triton.int8_reference import qe_gemm_int8_reference, quantize_activations_reference  # noqa: E402
+from vllm_qe.kernels.triton.lora import align_tokens, lowrank_add_, max_padded_rows  # noqa: E402
 from vllm_qe.kernels.triton.qe_linear import qe_linear_packed  # noqa: E402
 
 
@@ -50,10 +53,33 @@ def test_gemm_matches_reference(bits, gs, sym, m, k, act_bits):
 
 def test_align_tokens_groups_by_expert_with_padding():
     ids = torch.tensor([2, 0, 2, 2, 0, 3])
-    sorted_ids, bexp = align_tokens(ids, num_experts=4, block_m=2)
-    # expert 0: tokens 1,4; expert 1: none; expert 2: 0,2,3 (+pad); expert 3: 5 (+pad)
-    assert bexp.tolist() == [0, 2, 2, 3]
-    assert sorted_ids.tolist() == [1, 4, 0, 2, 3, 6, 5, 6]
+    sorted_ids, bexp, npad = align_tokens(ids, num_experts=4, block_m=2)
+    # expert 0: tokens 1,4; expert 1: none; expert 2: 0,2,3 (+pad); expert 3: 5 (+pad); then the fixed-size tail
+    assert int(npad) == 8
+    assert sorted_ids.numel() == max_padded_rows(6, 4, 2) == 6 + 4 * (2 - 1)
+    assert bexp.numel() == 5
+    assert bexp[:4].tolist() == [0, 2, 2, 3]
+    assert sorted_ids.tolist() == [1, 4, 0, 2, 3, 6, 5, 6, 6, 6]
+
+
+@pytest.mark.parametrize("m, e, block_m", [(1, 8, 16), (37, 5, 4), (64, 3, 16), (9, 1, 16)])
+def test_align_tokens_matches_host_grouping(m, e, block_m):
+    """Device-side alignment = the obvious host grouping (stable order per expert, runs padded to block_m)."""
+    g = torch.Generator().manual_seed(m * e)
+    ids = torch.randint(0, max(1, e - 1), (m,), generator=g)  # the last expert (if e > 1) stays empty
+    sorted_ids, bexp, npad = align_tokens(ids.to(DEVICE), e, block_m)
+    want_rows, want_blocks = [], []
+    for ex in range(e):
+        rows = [i for i in range(m) if int(ids[i]) == ex]
+        pad = -len(rows) % block_m
+        want_rows += rows + [m] * pad
+        want_blocks += [ex] * ((len(rows) + pad) // block_m)
+    n = int(npad)
+    assert n == len(want_rows)
+    assert sorted_ids.numel() == max_padded_rows(m, e, block_m) >= n
+    assert sorted_ids[:n].tolist() == want_rows and (sorted_ids[n:] == m).all()
+    assert bexp[: n // block_m].tolist() == want_blocks
+    assert ((bexp >= 0) & (bexp < e)).all()
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])
@@ -92,6 +118,129 @@ def test_full_qe_linear_with_fused_modules(act_bits):
     want = reference.qe_linear(x, w_deq, bias, act_bits=act_bits or None, smooth=smooth, out_splits=splits,
                                shared_a=sa, shared_b=sb, routed_a=ra, routed_b=rb, expert_ids=ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("bits, sym", [(4, False), (3, False), (8, True)])
+@pytest.mark.parametrize("m, split_k, swap_ab", [(1, 3, True), (5, 1, True), (5, 2, False), (20, 1, False)])
+def test_gemm_split_k_and_swap_ab(bits, sym, m, split_k, swap_ab):
+    """Split-K (atomic partial sums, ragged last split) and the transposed `yᵀ = W·xᵀ` tile = the reference."""
+    k, n, gs = 160, 40, 32
+    packed, scale, zero, w_deq = _quantized(n, k, bits, gs, sym, seed=bits + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    got = qe_gemm(x, packed, scale, zero, bits, gs, block=(16, 32, 32), split_k=split_k, swap_ab=swap_ab)
+    torch.testing.assert_close(got, reference.qe_linear(x, w_deq).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_n_major_scale_layout():
+    """`kernel_layout` (unit-stride N for vectorized scale loads) gives the same result as the checkpoint layout."""
+    packed, scale, zero, w_deq = _quantized(40, 96, 4, 32, False, seed=5)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    s_n, z_n = gemm.kernel_layout(scale, zero)
+    assert s_n.stride(0) == 1 and z_n.stride(0) == 1 and torch.equal(s_n, scale) and torch.equal(z_n, zero)
+    got = qe_gemm(x, packed, s_n, z_n, 4, 32, block=(16, 32, 32), act_bits=8)
+    torch.testing.assert_close(got, qe_gemm(x, packed, scale, zero, 4, 32, block=(16, 32, 32), act_bits=8))
+    torch.testing.assert_close(qe_gemm(x, packed, s_n, z_n, 4, 32, block=(16, 32, 32)),
+                               reference.qe_linear(x, w_deq).float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_bits", [8, 6, 4])
+def test_quantize_activations_is_bit_exact(act_bits):
+    """The int8 prologue kernel gives exactly the integer grid of `fake_quantize_activation` (ties to even, smoothing,
+    a given absmax, an all-zero row)."""
+    g = torch.Generator().manual_seed(act_bits)
+    x = torch.randn(5, 70, generator=g) * 3
+    x[2] = 0.0
+    qmax = 2 ** (act_bits - 1) - 1
+    x[3] = 0.0
+    x[3, :6] = torch.tensor([qmax, 0.5, 1.5, 2.5, -2.5, -0.5])  # scale 1: exact ties, rounded to even
+    smooth = torch.rand(70, generator=g) + 0.5
+    smooth[:6] = 1.0
+    for absmax in (None, (x / smooth).abs().amax(-1, keepdim=True) * 1.5):
+        xq, xs = gemm.quantize_activations(x.to(DEVICE), act_bits, smooth.to(DEVICE),
+                                           None if absmax is None else absmax.to(DEVICE))
+        want_q, want_s = quantize_activations_reference(x, act_bits, smooth, absmax)
+        assert torch.equal(xq.cpu(), want_q) and torch.equal(xs.cpu(), want_s)
+        if absmax is None:
+            assert xq[3, 1:6].tolist() == [0, 2, 2, -2, 0] and xs[2] == 1e-12 and not xq[2].any()
+        fq = fake_quantize_activation(x / smooth, act_bits, absmax)
+        torch.testing.assert_close(xq.cpu().float() * xs.cpu()[:, None], fq, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits, gs, sym", [(4, 32, False), (3, 64, False), (8, 32, False), (8, -1, True),
+                                           (4, -1, False)])
+@pytest.mark.parametrize("m, k, act_bits, split_k", [(1, 96, 8, 2), (19, 130, 8, 1), (6, 64, 4, 1)])
+def test_gemm_int8_path_is_integer_exact(bits, gs, sym, m, k, act_bits, split_k):
+    """W<b>A8 runs int8 x int8 -> int32 dots (zero-point correction, group-then-scale epilogue): equal to the exact
+    integer twin up to float32 epilogue rounding, and to the float32 reference up to its own rounding."""
+    n = 40
+    packed, scale, zero, w_deq = _quantized(n, k, bits, gs, sym, seed=bits * k + m)
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, k, generator=g) * 2).to(DEVICE)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    assert gemm.plan(m, n, k, bits, gs, act_bits, tile=gemm.GemmTile(16, 32, 32, 4, 2)).int8
+    got = qe_gemm(x, packed, scale, zero, bits, gs, smooth=smooth, act_bits=act_bits, block=(16, 32, 32),
+                  split_k=split_k, swap_ab=m == 1)
+    exact = qe_gemm_int8_reference(x, packed, scale, zero, bits, gs, act_bits, smooth)
+    torch.testing.assert_close(got, exact, rtol=2e-6, atol=1e-6)
+    want = reference.qe_linear(x, w_deq, act_bits=act_bits, smooth=smooth).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_plan_split_k_and_paths():
+    """Launch planning from shapes alone: split-K fills the GPU at M=1 (not at M=2048), every split gets K tiles,
+    a K tile never straddles a group on the per-tile path, int8 only where that holds."""
+    sms = 132
+    lp = gemm.plan(1, 4096, 4096, 4, 128, 0, sms)
+    gm, gn, sk = lp.grid(1, 4096)
+    assert gm * gn == 64 and sk > 1 and gm * gn * sk >= sms
+    k_tiles = -(-4096 // lp.block_k)
+    assert (sk - 1) * -(-k_tiles // sk) < k_tiles  # no empty split
+    assert gemm.plan(2048, 4096, 4096, 4, 128, 0, sms).split_k == 1
+    assert gemm.plan(16, 37888, 3584, 4, 128, 0, sms).split_k == 1  # N alone fills the GPU
+    for bits, gs in ((4, 32), (4, 64), (3, 96), (4, 128), (8, -1)):
+        lp = gemm.plan(16, 1024, 3072, bits, gs, 8, sms)
+        assert lp.per_tile_groups and (gs == -1 or gs % lp.block_k == 0) and lp.int8
+    lp = gemm.plan(16, 1024, 3072, 3, 16, 8, sms)
+    assert not lp.per_tile_groups and not lp.int8 and lp.block_k % 32 == 0
+    assert not gemm.plan(16, 1024, 3072, 4, 24, 8, sms).int8  # 24 = 8·3: no 32-wide tile inside a group
+
+
+def test_cuda_path_python_is_graph_safe(monkeypatch):
+    """The Python of the CUDA path (routing, device-side alignment, launch planning, output allocation, adapter
+    and MoE bookkeeping) traces as one graph with `torch.compile(fullgraph=True)`: no `.item()`, `.cpu()`,
+    data-dependent shapes or host syncs. The kernel launches are replaced by a no-op here (CPU tensors)."""
+    launches = []
+    monkeypatch.setattr(launcher, "launch", lambda kernel, grid, *a, **kw: launches.append(kernel))
+    from vllm_qe.kernels.triton.moe import fused_moe_qe
+
+    g = torch.Generator().manual_seed(0)
+    t, k, n, r, e = 7, 64, 48, 4, 3
+    packed, scale, zero, _ = _quantized(n, k, 4, 32, False)
+    router = torch.rand(2 * e, k, generator=g)
+    sa, sb = torch.randn(2 * r, k, generator=g), torch.randn(n, r, generator=g)
+    ra, rb = torch.randn(2 * e, r, k, generator=g), torch.randn(e, n, r, generator=g)
+
+    def layer(x):
+        ids = reference.route_grouped(reference.router_scores(x, router), 2)
+        return qe_linear_packed(x, packed.cpu(), scale.cpu(), zero.cpu(), 4, 32, None, None, 8, [32, 16], sa, sb,
+                                ra, rb, ids)
+
+    w13 = _expert_weights(4, 2 * 32, k, 4, 32, seed=1)
+    w2 = _expert_weights(4, k, 32, 4, 32, seed=2)
+
+    def moe(x, topk_ids, topk_w):
+        return fused_moe_qe(x, tuple(a.cpu() for a in w13[:3]), tuple(a.cpu() for a in w2[:3]), 4, 32, topk_ids,
+                            topk_w, (torch.randn(4, r, k), torch.randn(4, 64, r)), None)
+
+    x = torch.randn(t, k, generator=g)
+    torch.compile(layer, fullgraph=True, backend="eager")(x)
+    torch.compile(moe, fullgraph=True, backend="eager")(x, torch.randint(0, 4, (t, 2), generator=g),
+                                                        torch.rand(t, 2, generator=g))
+    compiled_align = torch.compile(align_tokens, fullgraph=True, backend="eager")
+    ids = torch.randint(0, 5, (33,), generator=g)
+    for got, want in zip(compiled_align(ids, 6, 4), align_tokens(ids, 6, 4)):
+        assert torch.equal(got, want)
+    assert len(launches) >= 8  # quantize + GEMM + 2x(shrink, expand) + MoE GEMMs and adapters were reached
 
 
 def test_bench_script_smoke(capsys):

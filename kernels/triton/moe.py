@@ -12,55 +12,67 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_qe.kernels.triton.gemm import _dequant_tile
+from vllm_qe.kernels.triton import launcher
+from vllm_qe.kernels.triton.gemm import GemmTile, _mainloop, _store_tile, k_block
 from vllm_qe.kernels.triton.lora import align_tokens, lowrank_add_
+
+# Tile per alignment block size: 16-row blocks (decode, few tokens per expert) compute yᵀ = W·xᵀ so that
+# Hopper's wgmma (M >= 64) applies; larger blocks use the plain orientation.
+MOE_TILES: dict[int, GemmTile] = {
+    16: GemmTile(16, 64, 128, 4, 3, swap_ab=True),
+    32: GemmTile(32, 128, 64, 8, 3),
+    64: GemmTile(64, 128, 64, 8, 3),
+}
 
 
 @triton.jit
 def _moe_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, sorted_ptr, bexp_ptr,
-    num_rows, N, K, group_size, row_div,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, sorted_ptr, bexp_ptr, npad_ptr,
+    num_rows, N, K, P, group_size, row_div,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ym,
-    BITS: tl.constexpr, SYM: tl.constexpr, DOT_IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, SYM: tl.constexpr, PER_TILE_GROUP: tl.constexpr, SWAP_AB: tl.constexpr,
+    DOT_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[row, n] = Σ_k x[row // row_div, k] · Wdeq[e(row), n, k] for the rows of block `program_id(0)`."""
+    """y[row, n] = Σ_k x[row // row_div, k] · Wdeq[e(row), n, k] for the rows of block `program_id(0)`; blocks
+    past `*npad_ptr` rows return at once (their count is only known on the device)."""
     b = tl.program_id(0)
     pn = tl.program_id(1)
+    if b * BLOCK_M >= tl.load(npad_ptr):
+        return
     row = tl.load(sorted_ptr + b * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = row < num_rows
     e = tl.load(bexp_ptr + b).to(tl.int64)
-    src = row // row_div
     rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=valid[:, None] & (rk < K)[None, :],
-                    other=0.0)
-        w = _dequant_tile(w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, rk, rn, K, N,
-                          stride_wn, stride_sn, stride_sg, group_size, BITS, SYM)
-        if DOT_IEEE:
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
-    tl.store(y_ptr + row[:, None] * stride_ym + rn[None, :], acc, mask=valid[:, None] & (rn < N)[None, :])
+    x_row = x_ptr + (row // row_div)[:, None].to(tl.int64) * stride_xm
+    acc = _mainloop(x_row, valid, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, s_ptr, rn,
+                    N, K, P, group_size, 0, tl.cdiv(K, BLOCK_K), 1, stride_wn, stride_sn, stride_sg, BITS, SYM,
+                    False, False, PER_TILE_GROUP, SWAP_AB, DOT_IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_tile(y_ptr, acc, row, rn, valid, rn < N, stride_ym, 1, SWAP_AB, False)
 
 
 def moe_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
              group_size: int, sorted_rows: torch.Tensor, block_expert: torch.Tensor, num_rows: int, row_div: int,
-             block_m: int) -> torch.Tensor:
-    """float32 `[num_rows, N]`; row r reads input row `r // row_div` and the weights of its block's expert."""
-    E, N, _ = packed.shape
+             block_m: int, num_padded: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 `[num_rows, N]`; row r reads input row `r // row_div` and the weights of its block's expert.
+    `num_padded` int32 `[1]`: rows of `sorted_rows` in use (`align_tokens`); None = all of them.
+    `scale`/`zero` `[E, N, G]` in either memory layout (`gemm.kernel_layout` makes the vectorizable one)."""
+    E, N, P = packed.shape
     K = x.shape[1]
     gs = K if group_size == -1 else group_size
     y = torch.zeros(num_rows, N, device=x.device, dtype=torch.float32)
+    if num_padded is None:
+        num_padded = torch.full((1,), sorted_rows.numel(), dtype=torch.int32, device=x.device)
     z = zero if zero is not None else scale
-    bn, bk = 32, 32
-    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(N, bn))](
-        x, packed, scale, z, y, sorted_rows, block_expert, num_rows, N, K, gs, row_div,
+    tile = MOE_TILES.get(block_m, GemmTile(block_m, 64, 64, 4, 3))
+    bk, per_tile = k_block(tile.block_k, bits, gs, K)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    launcher.launch(_moe_gemm_kernel, (block_expert.numel(), triton.cdiv(N, tile.block_n)),
+        x, packed, scale, z, y, sorted_rows, block_expert, num_padded, num_rows, N, K, P, gs, row_div,
         x.stride(0), packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
-        y.stride(0), BITS=bits, SYM=zero is None, DOT_IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
+        y.stride(0), BITS=bits, SYM=zero is None, PER_TILE_GROUP=per_tile, SWAP_AB=tile.swap_ab,
+        DOT_IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=bk,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return y
 
 
@@ -79,18 +91,20 @@ def fused_moe_qe(
     E = w13[0].shape[0]
     rows = T * k
     row_expert = topk_ids.reshape(-1)
-    sorted_rows, bexp = align_tokens(row_expert, E, block_m)
+    aligned = align_tokens(row_expert, E, block_m)
+    sorted_rows, bexp, npad = aligned
     if smooth13 is None:
-        h = moe_gemm(x, *w13, bits, gs13, sorted_rows, bexp, rows, k, block_m)
+        h = moe_gemm(x, *w13, bits, gs13, sorted_rows, bexp, rows, k, block_m, npad)
     else:
         xs = (x.repeat_interleave(k, dim=0).float() / smooth13[row_expert].float()).to(x.dtype)
-        h = moe_gemm(xs, *w13, bits, gs13, sorted_rows, bexp, rows, 1, block_m)
+        h = moe_gemm(xs, *w13, bits, gs13, sorted_rows, bexp, rows, 1, block_m, npad)
     if adapters13 is not None:
-        lowrank_add_(h, x.repeat_interleave(k, dim=0), adapters13[0], adapters13[1], row_expert, block_m=block_m)
+        lowrank_add_(h, x.repeat_interleave(k, dim=0), adapters13[0], adapters13[1], row_expert, block_m=block_m,
+                     aligned=aligned)
     inter = h.shape[1] // 2
     act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
     act_in = act if smooth2 is None else (act.float() / smooth2[row_expert].float()).to(x.dtype)
-    o = moe_gemm(act_in, *w2, bits, gs2, sorted_rows, bexp, rows, 1, block_m)
+    o = moe_gemm(act_in, *w2, bits, gs2, sorted_rows, bexp, rows, 1, block_m, npad)
     if adapters2 is not None:
-        lowrank_add_(o, act, adapters2[0], adapters2[1], row_expert, block_m=block_m)
+        lowrank_add_(o, act, adapters2[0], adapters2[1], row_expert, block_m=block_m, aligned=aligned)
     return (o.view(T, k, -1) * topk_weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
