@@ -30,11 +30,26 @@ _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 READ_CHUNK_BYTES = 64 * 2**20  # data checks read large tensors in slices of about this size
 
 
+class _File:
+    """One safetensors file, opened (memory-mapped) on first use and shared by its tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = None
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), framework="pt")
+        return self._handle
+
+
 class LazyTensor:
     """A tensor of a safetensors file known by dtype and shape; its data is read only when `load()` is called."""
 
-    def __init__(self, path: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, path: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                 file: _File | None = None) -> None:
         self.path, self.name, self.dtype, self.shape = path, name, dtype, torch.Size(shape)
+        self._file = file or _File(path)
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -46,19 +61,17 @@ class LazyTensor:
         return self.numel() * self.element_size()
 
     def load(self) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as sf:
-            return sf.get_tensor(self.name)
+        return self._file.handle().get_tensor(self.name)
 
     def chunks(self, max_bytes: int = READ_CHUNK_BYTES):
         """The tensor's data in slices along dim 0 of at most about `max_bytes` each (one slice for 0-D/1-D)."""
-        with safe_open(str(self.path), framework="pt") as sf:
-            if len(self.shape) < 2 or self.nbytes() <= max_bytes:
-                yield sf.get_tensor(self.name)
-                return
-            sl = sf.get_slice(self.name)
-            rows = max(1, max_bytes // max(1, self.nbytes() // self.shape[0]))
-            for start in range(0, self.shape[0], rows):
-                yield sl[start:start + rows]
+        if len(self.shape) < 2 or self.nbytes() <= max_bytes:
+            yield self.load()
+            return
+        sl = self._file.handle().get_slice(self.name)
+        rows = max(1, max_bytes // max(1, self.nbytes() // self.shape[0]))
+        for start in range(0, self.shape[0], rows):
+            yield sl[start:start + rows]
 
 
 def read_header(path: Path) -> dict[str, LazyTensor]:
@@ -88,6 +101,7 @@ def read_header(path: Path) -> dict[str, LazyTensor]:
         raise FormatError(f"{name}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - n
     out: dict[str, LazyTensor] = {}
+    file = _File(path)
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -97,14 +111,27 @@ def read_header(path: Path) -> dict[str, LazyTensor]:
             raise FormatError(f"{name}: tensor {key}: corrupt header entry {info!r}") from e
         if dt not in ST_DTYPES:
             raise FormatError(f"{name}: tensor {key}: unsupported dtype {dt}")
-        t = LazyTensor(path, key, ST_DTYPES[dt], tuple(shape))
+        t = LazyTensor(path, key, ST_DTYPES[dt], tuple(shape), file)
         if any(s < 0 for s in shape) or end - start != t.nbytes() or start < 0:
             raise FormatError(f"{name}: tensor {key}: data offsets [{start}, {end}) do not hold {dt} {shape}")
         if end > data_size:
             raise FormatError(f"{name}: truncated (tensor {key} ends at byte {end} of the data, the file holds "
                               f"{data_size})")
         out[key] = t
+    spans = sorted((t_start, t_end, k) for k, (t_start, t_end) in spans_of(header).items())
+    pos = 0
+    for start, end, key in spans:
+        if start != pos:
+            raise FormatError(f"{name}: corrupt (tensor {key} starts at data byte {start}, expected {pos}: tensors "
+                              "overlap or leave a gap)")
+        pos = end
+    if pos != data_size:
+        raise FormatError(f"{name}: corrupt ({data_size - pos} bytes after the last tensor)")
     return out
+
+
+def spans_of(header: dict) -> dict[str, tuple[int, int]]:
+    return {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def read_index(model_dir: Path) -> dict[str, str] | None:

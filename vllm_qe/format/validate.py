@@ -20,6 +20,7 @@ What is checked (docs/checkpoint-format.md, "Validation"):
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -134,12 +135,23 @@ class ModelTensors:
 
 def model_tensors(model_config: dict[str, Any]) -> ModelTensors:
     """Instantiate the model of `model_config` (config.json contents) on the meta device (no memory, no data) and
-    take its state dict; the renamings transformers applies when loading map checkpoint names onto it."""
+    take its state dict; the renamings transformers applies when loading map checkpoint names onto it. Cached per
+    config (the answer depends on nothing else)."""
+    cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
+    try:
+        key = json.dumps(cfg, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"config.json: not JSON-serialisable ({e})") from e
+    return _model_tensors(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_tensors(cfg_json: str) -> ModelTensors:
     import transformers
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
+    cfg = json.loads(cfg_json)
     mtype = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if not isinstance(mtype, str) or mtype not in transformers.CONFIG_MAPPING:
@@ -155,7 +167,9 @@ def model_tensors(model_config: dict[str, Any]) -> ModelTensors:
         raise FormatError(f"config.json: cannot build {archs[0]} from it ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
     sd = model.state_dict()
-    params = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dtype = getattr(torch, dtype, torch.float32) if isinstance(dtype, str) else torch.float32
+    params = {k: (dtype if v.dtype.is_floating_point else v.dtype, tuple(v.shape)) for k, v in sd.items()}
     optional = set(getattr(model, "all_tied_weights_keys", None) or {})
     conv = get_model_conversion_mapping(model)
     renamings = [c for c in conv if isinstance(c, WeightRenaming)]
@@ -241,6 +255,8 @@ def _check_quantized_modules(ck: ValidatedCheckpoint) -> None:
             raise FormatError(f"{mod}.{spec.WEIGHT_PACKED}: missing (module listed in quantized_modules)")
         if f"{mod}.weight" in tensors:
             raise FormatError(f"{mod}.weight: a quantized module must not also carry a full-precision weight")
+        if qcfg.is_ignored(mod):
+            raise FormatError(f"quantization_config.quantized_modules: {mod} also matches quantization_config.ignore")
         t = {s: tensors[n] for s, n in ck.grouped[mod].items()}
         validate_module(mod, t, qcfg.module_scheme(mod))
         ck.modules[mod] = tuple(int(v) for v in t[spec.WEIGHT_SHAPE].load())  # type: ignore[assignment]
@@ -250,6 +266,7 @@ def _check_model_tensors(ck: ValidatedCheckpoint, model: ModelTensors) -> None:
     """Every parameter of the model is on disk (or is a quantized module of the right shape) and every tensor on
     disk is a parameter of the model."""
     covered: dict[str, str] = {}  # in-memory name -> checkpoint name that provides it
+    same: dict[str, str] = {}  # in-memory name -> the checkpoint name it has (renaming only), to name missing ones
     quant_suffixes = set(spec.ALL_SUFFIXES)
     # quantized modules -> the model weights they stand for
     experts: dict[str, dict[int, dict[str, tuple[int, int]]]] = defaultdict(lambda: defaultdict(dict))
@@ -261,6 +278,7 @@ def _check_model_tensors(ck: ValidatedCheckpoint, model: ModelTensors) -> None:
                 raise FormatError(f"{mod}.{spec.WEIGHT_SHAPE}: [{out_f}, {in_f}] but the model's {mod}.weight is "
                                   f"{list(shape)}")
             covered[key] = f"{mod}.{spec.WEIGHT_PACKED}"
+            same[key] = f"{mod}.weight"
             continue
         parsed = spec.parse_expert_name(mod)
         if parsed is None:
@@ -293,11 +311,29 @@ def _check_model_tensors(ck: ValidatedCheckpoint, model: ModelTensors) -> None:
             raise FormatError(f"{name}: expected a floating dtype, found {t.dtype}")
         if not dtype.is_floating_point and t.dtype != dtype:
             raise FormatError(f"{name}: expected dtype {dtype}, found {t.dtype}")
-        covered[key] = name
+        covered[key] = same[key] = name
     missing = sorted(set(model.params) - set(covered) - model.optional)
     if missing:
         key = missing[0]
-        raise FormatError(f"{model.to_disk(key)}: missing (the model expects {_fmt(*model.params[key])})")
+        raise FormatError(f"{_disk_name(key, same, model)}: missing (the model expects {_fmt(*model.params[key])})")
+
+
+def _disk_name(key: str, same: dict[str, str], model: ModelTensors) -> str:
+    """The checkpoint name of a missing model parameter, by the renaming seen on the tensors that are present
+    (longest matching prefix), else by transformers' reverse conversion."""
+    best = ("", "")
+    for k, disk in same.items():
+        n = 0  # length of the common suffix of k and disk, at a dot
+        while n < min(len(k), len(disk)) and k[len(k) - 1 - n] == disk[len(disk) - 1 - n]:
+            n += 1
+        tail = k[len(k) - n:]
+        cut = tail.find(".")
+        if cut < 0:
+            continue
+        pm, pd = k[:len(k) - n + cut], disk[:len(disk) - n + cut]
+        if key.startswith(pm + ".") and len(pm) > len(best[0]):
+            best = (pm, pd)
+    return best[1] + key[len(best[0]):] if best[0] else model.to_disk(key)
 
 
 def _check_experts(path: str, by_expert: dict[int, dict[str, tuple[int, int]]], model: ModelTensors,
