@@ -21,7 +21,7 @@ def cache_dir() -> Path:
 
 def builtin_vqa_folder(n: int, seed: int, split: str) -> Path:
     """The generated VQA split as an imagefolder (written atomically once, then reused)."""
-    from vllm_qe.calibration.fixtures.vqa import write_imagefolder
+    from vllm_qe.testing.vqa import write_imagefolder
 
     folder = cache_dir() / f"vqa-{split}-seed{seed}-n{n}"
     if not (folder / "metadata.jsonl").is_file():

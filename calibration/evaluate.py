@@ -11,7 +11,7 @@ import torch
 
 from vllm_qe.calibration.data import build_inputs
 from vllm_qe.calibration.fakequant import FakeQuantLinear, load_fake_quant_model
-from vllm_qe.calibration.fixtures.vqa import generate
+from vllm_qe.testing.vqa import generate
 
 EVAL_SEED = 7
 

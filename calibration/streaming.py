@@ -7,7 +7,7 @@ parts (embeddings, norms, head) and the calibration activations, whatever the nu
 - `WeightStreamer`: per unit (block), the map of its parameters to checkpoint tensors; `materialize(name)` /
   `release(name)`; forward hooks that materialise a block for the duration of one forward (the capture and
   gradient passes run through all blocks this way). A block that is already calibrated is materialised in its
-  quantized form from the calibration state (`CalibrationState.unit_quantized`).
+  quantized form from the calibration state (`ResumeStore.unit_quantized`).
 The map from a parameter to its checkpoint tensor uses transformers' own name conversion; fused MoE experts that
 transformers stores transposed are recognised by shape (an ambiguous square expert shape is an error).
 """
@@ -191,12 +191,15 @@ class WeightStreamer:
 
     def __init__(self, model: torch.nn.Module, source: TensorSource, units: list[tuple[str, torch.nn.Module]],
                  quantized_of: Callable[[str], dict[str, QuantizedLinear] | None] | None = None,
-                 install: Callable[[str, torch.nn.Module, dict[str, QuantizedLinear]], None] | None = None) -> None:
+                 install: Callable[[str, torch.nn.Module, dict[str, QuantizedLinear]], None] | None = None,
+                 restore: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.source = source
         self.units = dict(units)
         self.quantized_of = quantized_of  # unit name -> its calibrated modules (None: not calibrated yet)
-        self.install = install
+        self.install = install  # swaps a block's calibrated modules in
+        self.restore = restore  # undoes a block's swaps (the original modules get their meta parameters back)
+        self._auto: set[str] = set()  # blocks materialised by a forward hook, released after that forward
         self.plan: dict[str, list[tuple[str, str, bool, tuple[int, ...]]]] = {}
         self.live: set[str] = set()
         for name, unit in units:
@@ -220,7 +223,8 @@ class WeightStreamer:
     def release(self, name: str) -> None:
         """Back to meta: the original submodules (fake-quant swaps undone) with meta parameters."""
         unit = self.units[name]
-        _restore_swaps(unit)
+        if self.restore is not None:
+            self.restore(name)
         for sub, _, _, shape in self.plan[name]:
             _set_param(unit, sub, torch.empty(shape, device="meta", dtype=self.source.dtype))
         self.live.discard(name)
@@ -231,11 +235,11 @@ class WeightStreamer:
             def pre(mod, args, name=name):
                 if name not in self.live:
                     self.materialize(name)
-                    mod._vllm_qe_auto = True
+                    self._auto.add(name)
 
             def post(mod, args, out, name=name):
-                if getattr(mod, "_vllm_qe_auto", False):
-                    mod._vllm_qe_auto = False
+                if name in self._auto:
+                    self._auto.discard(name)
                     self.release(name)
 
             self._hooks += [unit.register_forward_pre_hook(pre), unit.register_forward_hook(post)]
@@ -245,12 +249,3 @@ class WeightStreamer:
             h.remove()
         self._hooks = []
 
-
-def _restore_swaps(unit: torch.nn.Module) -> None:
-    """Undo the driver's fake-quant swaps below `unit` (each parent records the modules it replaced)."""
-    for mod in list(unit.modules()):
-        saved = mod.__dict__.get("_vllm_qe_swapped")
-        if saved:
-            for attr, orig in saved.items():
-                setattr(mod, attr, orig)
-            mod.__dict__["_vllm_qe_swapped"] = {}

@@ -26,7 +26,7 @@ def main() -> int:
     p.add_argument("--full", action="store_true")
     p.add_argument("--full-in-memory", action="store_true")
     a = p.parse_args()
-    from vllm_qe.calibration.fixtures.scale_models import calibrate_in_subprocess, write_random_model
+    from vllm_qe.testing.scale_models import calibrate_in_subprocess, write_random_model
 
     rows = []
     runs = [(f"{d}", d, d, (False, True)) for d in a.depths]

@@ -31,15 +31,15 @@ def main() -> int:
     import openai
 
     from vllm_qe.calibration.api import CalibrationConfig, calibrate
-    from vllm_qe.calibration.fixtures.tiny_models import build_tiny_model
-    from vllm_qe.calibration.fixtures.vqa import make_sample
     from vllm_qe.client import image_data_url, image_message, wait_ready
     from vllm_qe.format.checkpoint import inspect_checkpoint
     from vllm_qe.serving import server_command, server_env
+    from vllm_qe.testing.tiny_models import build_tiny_model
+    from vllm_qe.testing.vqa import make_sample
 
     work = Path(a.workdir)
     if a.model == "trained":
-        from vllm_qe.calibration.fixtures.train_vqa import train_vqa_model
+        from vllm_qe.testing.train_vqa import train_vqa_model
 
         if a.arch not in ("qwen2_vl", "qwen3_vl_moe"):
             p.error("--model trained exists for --arch qwen2_vl and qwen3_vl_moe; use --model random for the others")

@@ -11,8 +11,8 @@ import sys
 def main() -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_qe.calibration.fixtures.vqa import make_sample
     from vllm_qe.serving import engine_kwargs
+    from vllm_qe.testing.vqa import make_sample
 
     ckpt = sys.argv[1]
     llm = LLM(**engine_kwargs(ckpt))

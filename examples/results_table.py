@@ -96,7 +96,7 @@ def main() -> int:
 
     from vllm_qe.calibration.api import CalibrationConfig, calibrate
     from vllm_qe.calibration.evaluate import evaluate_dirs
-    from vllm_qe.calibration.fixtures.train_vqa import train_vqa_model
+    from vllm_qe.testing.train_vqa import train_vqa_model
 
     model = Path(a.model)
     if not (model / "config.json").exists():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_qe.calibration.fixtures.train_vqa import train_vqa_model
+from vllm_qe.testing.train_vqa import train_vqa_model
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

@@ -21,7 +21,7 @@ def _cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """`tiny_dir(arch)` -> folder of a tiny random-init model (built once)."""
-    from vllm_qe.calibration.fixtures.tiny_models import build_tiny_model
+    from vllm_qe.testing.tiny_models import build_tiny_model
 
     built: dict[str, Path] = {}
 

@@ -198,9 +198,9 @@ def test_gradient_pass_gives_token_weights_and_modality_ratios(tiny_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vllm_qe.calibration.data import build_inputs
-    from vllm_qe.calibration.fixtures.vqa import generate
     from vllm_qe.calibration.gradients import collect_gradients
     from vllm_qe.calibration.model_structure import get_chains, image_token_id
+    from vllm_qe.testing.vqa import generate
 
     d = tiny_dir("qwen2_vl")
     model = AutoModelForImageTextToText.from_pretrained(str(d), dtype=torch.float32)

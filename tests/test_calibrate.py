@@ -57,7 +57,7 @@ def test_layers_reading_one_input_are_grouped_and_no_others(arch, quantized_dir)
 def test_fake_quant_model_runs_and_differs_from_full_precision(quantized_dir, tiny_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vllm_qe.calibration.fixtures.vqa import make_sample
+    from vllm_qe.testing.vqa import make_sample
 
     out = quantized_dir("qwen2_vl", "rtn", wbits=3, abits=None)
     proc = AutoProcessor.from_pretrained(str(out))
@@ -123,11 +123,11 @@ def test_killed_calibration_leaves_no_valid_folder_and_resumes_to_the_same_resul
 
 def test_cli_calibrate_and_inspect(tmp_path, tiny_dir):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "vllm_qe.calibration.cli", "calibrate", str(tiny_dir("llava")),
+    r = subprocess.run([sys.executable, "-m", "vllm_qe.cli", "calibrate", str(tiny_dir("llava")),
                         "--out", str(out), "--method", "rtn", "--wbits", "4", "--abits", "8", "--group-size", "32",
                         "--num-samples", "2", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "vllm_qe.calibration.cli", "inspect", str(out)],
+    r = subprocess.run([sys.executable, "-m", "vllm_qe.cli", "inspect", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "W4A8" in r.stdout
 

@@ -24,7 +24,7 @@ def _port() -> int:
 def _calibrate(model, out, args, ranks: int) -> None:
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      f"--nproc-per-node={ranks}", f"--master-port={_port()}"]
-    cmd = launcher + ["-m", "vllm_qe.calibration.cli", "calibrate", str(model), "--out", str(out), "--group-size",
+    cmd = launcher + ["-m", "vllm_qe.cli", "calibrate", str(model), "--out", str(out), "--group-size",
                       "32", "--num-samples", "4", "--quiet", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -36,7 +36,7 @@ def _logit_gap(one, two) -> float:
 
     from vllm_qe.calibration.data import build_inputs
     from vllm_qe.calibration.fakequant import load_fake_quant_model
-    from vllm_qe.calibration.fixtures.vqa import make_sample
+    from vllm_qe.testing.vqa import make_sample
 
     proc = AutoProcessor.from_pretrained(str(one))
     s = make_sample(1, 1, "test")

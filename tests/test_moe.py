@@ -65,10 +65,11 @@ def test_driver_streams_each_experts_routed_tokens_with_router_affinity(tiny_dir
     from transformers import AutoProcessor
 
     from vllm_qe.calibration.api import load_model
+    from vllm_qe.calibration.block import BlockCalibrator
     from vllm_qe.calibration.data import build_inputs
-    from vllm_qe.calibration.driver import LayerwiseDriver
-    from vllm_qe.calibration.fixtures.vqa import make_sample
     from vllm_qe.calibration.model_structure import get_chains
+    from vllm_qe.calibration.pipeline import calibrate_blocks
+    from vllm_qe.testing.vqa import make_sample
 
     d = tiny_dir("qwen3_vl_moe")
     model, proc = load_model(d), AutoProcessor.from_pretrained(str(d))
@@ -93,9 +94,8 @@ def test_driver_streams_each_experts_routed_tokens_with_router_affinity(tiny_dir
     scheme = ModuleScheme(WeightScheme(4, 32, False), None, AdapterScheme())
     algo = _Recorder(affinity)
     language = [c for c in get_chains(model, "qwen3_vl_moe") if c.tower == "language"]
-    driver = LayerwiseDriver(model, algo, lambda n: scheme if ".experts." in n else None, progress=False,
-                             gamma=gamma, propagate="fp")
-    driver.run(language, samples, lambda c, s: (s["input_ids"] == img).reshape(-1))
+    block = BlockCalibrator(algo, lambda n: scheme if ".experts." in n else None, gamma=gamma, propagate="fp")
+    calibrate_blocks(model, language, samples, img, block, progress=False)
     vision = torch.cat([(s["input_ids"] == img).reshape(-1) for s in samples])
     x = torch.cat([r[0] for r in routed[layer]])
     ids = torch.cat([r[1] for r in routed[layer]])

@@ -39,7 +39,7 @@ PEAK_BOUND_MIB = 3072
 
 
 def test_offload_peak_memory_does_not_grow_with_depth_on_a_2b_config(tmp_path):
-    from vllm_qe.calibration.fixtures.scale_models import calibrate_in_subprocess, write_random_model
+    from vllm_qe.testing.scale_models import calibrate_in_subprocess, write_random_model
 
     peaks = {}
     for depth in (2, 5):

@@ -44,7 +44,7 @@ def server(quantized_dir, tmp_path_factory):
 def test_image_chat_errors_and_recovery(server):
     import openai
 
-    from vllm_qe.calibration.fixtures.vqa import make_sample
+    from vllm_qe.testing.vqa import make_sample
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", timeout=60, max_retries=0)
     s = make_sample(3, 0, "test")
