@@ -159,9 +159,9 @@ def test_every_method_quantizes_a_fused_group(method):
     torch.manual_seed(5)
     x = torch.randn(600, 64)
     ws = [torch.randn(32, 64) * 0.05, torch.randn(16, 64) * 0.05]
-    scheme = ModuleScheme(WeightScheme(4, 32, False), ActivationScheme(bits=8), AdapterScheme())
     params = {"k": 4, "num_routed": 2, "shared_rank": 4, "routed_rank": 4} if method == "qe" else {}
     algo = get_algorithm(method, **params)
+    scheme = ModuleScheme(WeightScheme(4, 32, False), ActivationScheme(bits=8), algo.adapters)
     req = algo.stats_request(scheme)
     st = InputStats(64, gram=bool(req and req.gram), max_tokens=max(256, req.max_tokens if req else 0),
                     topk=req.topk if req else 0, channel_score=ws[0].abs().mean(0) if req and req.topk else None)

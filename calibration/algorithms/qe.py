@@ -7,7 +7,7 @@ Pure functions on tensors; the evidence tags ([S] secondary notes, [I] our infer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.calibration.algorithms.compose import BASES, Recipe, smoothing_scales
-from vllm_qe.calibration.algorithms.gptq import gptq_quantize
+from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
@@ -40,6 +40,7 @@ class QEParams:
     refine_lr: float = 1e-4
     refine_seconds: float = 30.0  # wall-clock bound per layer
     seed: int = 0
+    guard_adapters: bool = False  # keep an adapter only where it lowers the layer's calibration loss
     expert_rank: int = 8  # MoE experts: one shared low-rank expert of this rank per expert projection [I]
     gamma: float = 1.0  # only read by the calibration API when no gradient pass gives γ
 
@@ -95,10 +96,11 @@ def token_groups(x: torch.Tensor, channel_score: torch.Tensor, k: int, channels:
 
 
 def base_quantize(w: torch.Tensor, scheme: WeightScheme, exempt: torch.Tensor | None, hessian: torch.Tensor | None,
-                  method: str) -> QuantizedLinear:
-    """RTN or GPTQ of `w` with `exempt` columns forced to dequantize to 0 (they are left to the adapters)."""
+                  method: str, gptq: GPTQConfig | None = None) -> QuantizedLinear:
+    """RTN or GPTQ (with `gptq`'s options) of `w` with `exempt` columns forced to dequantize to 0 (they are left
+    to the adapters)."""
     if method == "gptq":
-        return gptq_quantize(w, hessian, scheme, exempt=exempt)
+        return gptq_quantize(w, hessian, scheme, exempt=exempt, **asdict(gptq or GPTQConfig()))
     wz = w.clone()
     if exempt is not None:
         wz[:, exempt] = 0.0
@@ -106,17 +108,50 @@ def base_quantize(w: torch.Tensor, scheme: WeightScheme, exempt: torch.Tensor | 
     return QuantizedLinear(quantize(wz, qp), qp.scale, qp.zero, scheme.bits, scheme.group_size, scheme.symmetric)
 
 
+def calibration_loss(err: torch.Tensor, h: torch.Tensor) -> float:
+    """`tr(E H Eᵀ)` = `E_x ‖E x‖²` for `E` `[out, in]` and `H = E[x xᵀ]` `[in, in]` (float64 accumulation)."""
+    e = err.double()
+    return float(((e @ h.double()) * e).sum())
+
+
+def routed_loss(resid: torch.Tensor, x: torch.Tensor, tw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                router: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Token-weighted `Σ_t w_t ‖(E_S − B_e A_e) x_t‖²` with `e` = the router's pick per token, and each expert's
+    share `[E]` of it minus what its tokens cost without it (< 0: the expert helps). `x` `[T, in]`, `tw` `[T]`,
+    `a` `[E, r, in]`, `b` `[E, out, r]`, `router` `[E, in]`."""
+    pick = route_tokens(x, router)
+    base = x @ resid.t()  # [T, out]
+    corr = torch.einsum("tr,tor->to", torch.einsum("ti,tri->tr", x, a[pick]), b[pick])
+    with_e = (base - corr).pow(2).sum(-1) * tw
+    without = base.pow(2).sum(-1) * tw
+    gain = torch.zeros(a.shape[0], dtype=torch.float64).index_add_(0, pick, (with_e - without).double())
+    return float(with_e.double().sum()), gain
+
+
+def route_tokens(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """`[T]` the expert each token takes: `argmin_e (R |x|)_e` (ties → lowest id), as the runtime does."""
+    return (x.abs() @ router.t()).argmin(-1)
+
+
 def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEParams,
-           smooth: torch.Tensor | None, base: str, token_weight: torch.Tensor | None = None) -> QuantizedLinear:
+           smooth: torch.Tensor | None, base: str, token_weight: torch.Tensor | None = None,
+           gptq: GPTQConfig | None = None, ranks: AdapterScheme | None = None) -> QuantizedLinear:
     """Quantize one linear layer and fit its shared expert, routed experts and router.
 
     `weight` `[out, in]`; `stats` with Gram, reservoir and top-k co-occurrence; `smooth` `[in]` or None.
-    Returns a QuantizedLinear whose adapters are zero-padded to the configured ranks."""
+    `ranks`: the module's adapters (the algorithm passes `scheme.adapters`, what the checkpoint declares); None
+    takes them from `p`. With `p.guard_adapters` an
+    adapter is kept only where it lowers the layer's calibration loss: the shared expert under `tr(E H Eᵀ)`, each
+    routed expert on the tokens the router sends it (a dropped expert is zeroed and its router row recomputed),
+    so base + adapters is never worse than the base alone on the calibration data.
+    Returns a QuantizedLinear whose adapters are zero-padded to the module's ranks."""
     w = weight.float()
     out_f, in_f = w.shape
+    if ranks is None:
+        ranks = AdapterScheme(p.shared_rank, p.num_routed, p.routed_rank if p.num_routed else 0)
     stats.ensure_channel_counts()
     k = max(1, min(p.k, in_f // 8))
-    cs, cr = channel_split(stats, k, p.num_routed)
+    cs, cr = channel_split(stats, k, ranks.num_routed)
     exempt = None
     if p.exempt_shared:
         exempt = torch.zeros(in_f, dtype=torch.bool)
@@ -124,7 +159,7 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
     ws = w if smooth is None else w * smooth
     h = stats.hessian().float()
     hs = h if smooth is None else h / torch.outer(smooth, smooth)
-    q = base_quantize(ws, scheme.weight, exempt, hs, base)
+    q = base_quantize(ws, scheme.weight, exempt, hs, base, gptq)
     q.smooth = smooth
     w_hat = dequantize(q.qweight, q.scale, q.zero, q.group_size)
     if smooth is not None:
@@ -132,36 +167,62 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
     err = w - w_hat  # what the adapters (reading the unsmoothed x) must add back
 
     resid = err
-    if p.shared_rank:
-        a_s, b_s = whitened_svd(err, h, p.shared_rank)  # [S] shared expert: whitening SVD
-        q.shared_a, q.shared_b = pad_rank(a_s, b_s, p.shared_rank)
+    if ranks.shared_rank:
+        a_s, b_s = whitened_svd(err, h, ranks.shared_rank)  # [S] shared expert: whitening SVD
+        if p.guard_adapters and calibration_loss(err - b_s @ a_s, h) >= calibration_loss(err, h):
+            a_s, b_s = a_s.new_zeros(0, in_f), b_s.new_zeros(out_f, 0)
+        q.shared_a, q.shared_b = pad_rank(a_s, b_s, ranks.shared_rank)
         resid = err - b_s @ a_s
 
-    if p.num_routed:
-        n_groups = min(p.num_routed, max(1, len(cr)))
-        e_ra = torch.zeros(p.num_routed, p.routed_rank, in_f)
-        e_rb = torch.zeros(p.num_routed, out_f, p.routed_rank)
-        router = torch.zeros(p.num_routed, in_f)
+    if ranks.num_routed:
+        n_routed, r_r = ranks.num_routed, ranks.routed_rank
+        n_groups = min(n_routed, max(1, len(cr)))
+        e_ra = torch.zeros(n_routed, r_r, in_f)
+        e_rb = torch.zeros(n_routed, out_f, r_r)
+        router = torch.zeros(n_routed, in_f)
         labels = cluster_channels(npmi_affinity(stats.cooc[cr][:, cr], stats.n_tokens), n_groups, p.seed)
         x = stats.sample
         tw = torch.ones(x.shape[0]) if token_weight is None else token_weight.float()
         groups = token_groups(x, stats.channel_score, k, cr, labels, n_groups)
-        for g in range(p.num_routed):
+        for g in range(n_routed):
             if g < n_groups:
                 sel = groups == g
                 hg = p.mix * h
                 if float(tw[sel].sum()) > 0:  # (TLQ can give a whole group zero weight)
                     xg = x[sel] * tw[sel].sqrt()[:, None]
                     hg = hg + (xg.t() @ xg) / float(tw[sel].sum())
-                a, b = whitened_svd(resid, hg, p.routed_rank)
-                a, b = pad_rank(a, b, p.routed_rank)
+                a, b = whitened_svd(resid, hg, r_r)
+                a, b = pad_rank(a, b, r_r)
                 e_ra[g], e_rb[g] = a, b
             # [S]/[I] closed-form router: an upper bound of the expert's residual, linear in |x|.
             router[g] = (resid - e_rb[g] @ e_ra[g]).norm(dim=0)
         if p.refine_steps:
             e_ra, e_rb, router = refine_routed(resid, x, tw, e_ra, e_rb, router, p)
+        if p.guard_adapters:
+            e_ra, e_rb, router = drop_harmful_experts(resid, x, tw, e_ra, e_rb, router)
         q.routed_a, q.routed_b, q.router = e_ra, e_rb, router
     return q
+
+
+def drop_harmful_experts(resid: torch.Tensor, x: torch.Tensor, tw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         router: torch.Tensor, rounds: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero the routed experts that raise the loss on the tokens routed to them (and recompute their router rows
+    as the uncorrected residual's column norms), until none does; if routing still loses overall, all experts are
+    zeroed (the layer then computes exactly the base + shared expert)."""
+    a, b, router = a.clone(), b.clone(), router.clone()
+    no_fix = resid.norm(dim=0)
+    for _ in range(rounds):
+        _, gain = routed_loss(resid, x, tw, a, b, router)
+        bad = gain > 0
+        if not bool(bad.any()):
+            break
+        a[bad], b[bad] = 0.0, 0.0
+        router[bad] = no_fix
+    total, _ = routed_loss(resid, x, tw, a, b, router)
+    if total > float((x @ resid.t()).pow(2).sum(-1).mul(tw).double().sum()):
+        a.zero_(), b.zero_()
+        router[:] = no_fix
+    return a, b, router
 
 
 def refine_routed(resid: torch.Tensor, x: torch.Tensor, tw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -265,7 +326,7 @@ class QuantExperts(Algorithm):
         s = smoothing_scales(recipe, targets, token_weight=targets[0].stats.sample_weight)
         out = {}
         for t in targets:
-            # MoE experts: one shared low-rank expert of `expert_rank`, no routed ones (the MoE router routes)
-            p = self.p if t.stats.expert is None else replace(self.p, shared_rank=self.p.expert_rank, num_routed=0)
-            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, p, s, recipe.quantizer, t.stats.sample_weight)
+            # ranks from the module's scheme: MoE experts get one shared expert of `expert_rank` (their override)
+            out[t.name] = qe_fit(t.weight, t.stats, t.scheme, self.p, s, recipe.quantizer, t.stats.sample_weight,
+                                 recipe.gptq, t.scheme.adapters)
         return out
