@@ -7,6 +7,8 @@ All arithmetic is float32; results are cast back to `x.dtype`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vllm_qe.format.quantizer import fake_quantize_activation
@@ -66,10 +68,7 @@ def qe_linear(
     per-token max |x / s| over the whole (tensor-parallel sharded) token, when this call holds only a slice.
     """
     splits = out_splits or [weight.shape[0]]
-    xs = x.float() if smooth is None else x.float() / smooth.float()
-    if act_bits is not None:
-        xs = fake_quantize_activation(xs, act_bits, act_absmax)
-    y = xs @ weight.float().t()
+    y = base_gemm(x, weight, smooth, act_bits, act_absmax)
     o0 = 0
     for g, width in enumerate(splits):
         cols = slice(o0, o0 + width)
@@ -85,6 +84,15 @@ def qe_linear(
     return y.to(x.dtype)
 
 
+def base_gemm(x: torch.Tensor, weight: torch.Tensor, smooth: torch.Tensor | None = None, act_bits: int | None = None,
+              act_absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """The base GEMM `Q_act(x / s) · Ŵᵀ` in float32: `x` `[T, in]`, dequantized `weight` `[out, in]` -> `[T, out]`."""
+    xs = x.float() if smooth is None else x.float() / smooth.float()
+    if act_bits:
+        xs = fake_quantize_activation(xs, act_bits, act_absmax)
+    return xs @ weight.float().t()
+
+
 def route_grouped(scores: torch.Tensor, n_groups: int) -> torch.Tensor:
     """`scores` `[T, n*E]` (router scores of `n` fused modules) -> expert ids `[T, n]` (argmin within each module)."""
     return scores.reshape(scores.shape[0], n_groups, -1).argmin(dim=-1)
@@ -97,18 +105,34 @@ def fused_moe(
 ) -> torch.Tensor:
     """SwiGLU MoE with dequantized expert weights: `w13` `[E, 2I, H]` (gate rows first), `w2` `[E, H, I]`,
     per-expert adapters (A `[E, r, in]`, B `[E, out, r]`); `y[t] = Σ_j w_tj · expert_{e_tj}(x_t)`."""
-    T, k = topk_ids.shape
-    y = torch.zeros(T, w2.shape[1], dtype=torch.float32, device=x.device)
+    return fused_moe_with(x, lambda e, xe: xe.float() @ w13[e].float().t(),
+                          lambda e, a: a.float() @ w2[e].float().t(), w2.shape[1], topk_ids, topk_weights,
+                          adapters13, adapters2)
+
+
+ExpertGemm = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def fused_moe_with(
+    x: torch.Tensor, gemm13: ExpertGemm, gemm2: ExpertGemm, out_features: int, topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    adapters13: tuple[torch.Tensor, torch.Tensor] | None = None,
+    adapters2: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`fused_moe` with the experts' base GEMMs given as functions `gemm(e, rows) -> [rows, out]` (any dtype; a
+    packed kernel or a dequantized weight) and `out_features` = H. Adapters and the weighted sum run in float32; the SwiGLU activation is
+    rounded to `x.dtype` before the down projection (as a real kernel stores it)."""
+    y = torch.zeros(topk_ids.shape[0], out_features, dtype=torch.float32, device=x.device)
     xf = x.float()
     for e in torch.unique(topk_ids).tolist():
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = xf[tok] @ w13[e].float().t()
+        h = gemm13(e, x[tok]).float()
         if adapters13 is not None:
             h = h + (xf[tok] @ adapters13[0][e].float().t()) @ adapters13[1][e].float().t()
         inter = h.shape[1] // 2
-        a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()
-        o = a @ w2[e].float().t()
+        a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
+        o = gemm2(e, a).float()
         if adapters2 is not None:
-            o = o + (a @ adapters2[0][e].float().t()) @ adapters2[1][e].float().t()
+            o = o + (a.float() @ adapters2[0][e].float().t()) @ adapters2[1][e].float().t()
         y.index_add_(0, tok, o * topk_weights[tok, slot].float()[:, None])
     return y.to(x.dtype)

@@ -44,7 +44,23 @@ def _run(opts: dict, tp: int) -> list[dict]:
 ])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_vllm_linear_method_matches_reference(opts, tp):
+    """float32: torch's int4 GEMM keeps the weights packed and dequantizes exactly (`(q-8)·s + (8-z)·s` is exact in
+    float32), so only the summation order differs from the reference (GEMM blocking, adapters, TP partial sums)."""
     for row in _run(opts, tp):
-        # TP=1 computes the very same float32 ops; TP=2 row-parallel sums partial products in another order.
-        tol = 0.0 if tp == 1 else 1e-5 * row["ref_scale"]
+        assert row["kernel"] == "Int4PackCPUKernel", row
+        tol = (1e-6 if tp == 1 else 1e-5) * row["ref_scale"]
         assert row["max_abs_err"] <= tol, row
+
+
+@pytest.mark.parametrize("opts, tp, kernel", [
+    ({"wbits": 4, "abits": None, "qe": True}, 1, "CPUWNA16LinearKernel"),  # vLLM's own CPU int4 kernel
+    ({"wbits": 4, "abits": 8}, 2, "CPUWNA16LinearKernel"),  # ... sharded, with activation quantization
+    ({"wbits": 3, "abits": None, "qe": True}, 1, "Int4PackCPUKernel"),  # no vLLM kernel for 3-bit
+])
+def test_vllm_linear_method_bf16(opts, tp, kernel):
+    """bf16 activations (the CPU serving default): the kernel vLLM's chooser gives 4-bit layers, torch's int4 GEMM
+    for 3-bit; within bf16 rounding of the float32 reference (scales, inputs and outputs are rounded to bf16: a
+    wrong grid or zero point would be off by whole quantization steps, i.e. tens of percent)."""
+    for row in _run({**opts, "dtype": "bfloat16"}, tp):
+        assert row["kernel"] == kernel, row
+        assert row["max_abs_err"] <= 2e-2 * row["ref_scale"], row

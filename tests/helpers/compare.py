@@ -17,7 +17,7 @@ def make_requests(ckpt: Path, tmp: Path, n: int = 3) -> list[dict]:
     from transformers import AutoProcessor
 
     from vllm_qe.calibration.data import chat_messages
-    from vllm_qe.calibration.fixtures.vqa import make_sample
+    from vllm_qe.testing.vqa import make_sample
 
     proc = AutoProcessor.from_pretrained(str(ckpt))
     reqs = []
@@ -31,7 +31,11 @@ def make_requests(ckpt: Path, tmp: Path, n: int = 3) -> list[dict]:
 
 
 def run_vllm(ckpt: Path, reqs: list[dict], tmp: Path, tp: int = 1, max_tokens: int = 6, quant: bool = True,
-             timeout: int = 600, ep: bool = False) -> list[dict]:
+             timeout: int = 600, ep: bool = False, dtype: str | None = "float32", eager: bool = True,
+             resident: bool = False) -> list[dict]:
+    """Greedy tokens + top-5 logprobs per request from a vLLM subprocess (`dtype` None: the serving default, bf16
+    on CPU; `eager=False`: vLLM's default compilation; `resident`: a last entry `{"resident": [per-worker
+    bytes]}`)."""
     req_file, out_file = tmp / "requests.json", tmp / f"vllm_out_tp{tp}{'_ep' if ep else ''}.json"
     req_file.write_text(json.dumps(reqs))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
@@ -39,7 +43,8 @@ def run_vllm(ckpt: Path, reqs: list[dict], tmp: Path, tp: int = 1, max_tokens: i
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     cmd = [sys.executable, str(HERE / "vllm_generate.py"), str(ckpt), str(req_file), str(out_file),
            "--tp", str(tp), "--max-tokens", str(max_tokens)] + ([] if quant else ["--no-quant"]) + \
-        (["--ep"] if ep else [])
+        (["--ep"] if ep else []) + (["--dtype", dtype] if dtype else []) + (["--eager"] if eager else []) + \
+        (["--resident"] if resident else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"vLLM failed (rc={r.returncode}):\n{r.stderr[-6000:]}")

@@ -37,6 +37,9 @@ def _synthetic_module(out_f: int, in_f: int, cfg, seed: int):
 def main() -> None:
     from vllm.config import VllmConfig, set_current_vllm_config
 
+    from vllm_qe.runtime.plugin import _disable_amx_on_cpu
+
+    _disable_amx_on_cpu()  # as every vLLM process does (bf16 on AMX machines)
     opts = json.loads(sys.argv[1])
     rank, ws = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     port = os.environ.get("MASTER_PORT", "29555")
@@ -75,17 +78,19 @@ def _run(opts, rank: int, ws: int, port: str) -> None:
     qe.quantized_modules = [f"m.{s}" for names, _, _ in layers.values() for s in names]
     cfg = QuantExpertsConfig(qe)
     cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    dtype = getattr(torch, opts.get("dtype", "float32"))
     x = torch.randn(37, hidden, generator=torch.Generator().manual_seed(1))
     if True:
         for lname, (subs, shard_ids, shapes) in layers.items():
             if lname == "qkv_proj":
                 layer = QKVParallelLinear(hidden, head_dim, n_heads, n_kv, bias=True, quant_config=cfg,
-                                          prefix=f"m.{lname}")
+                                          prefix=f"m.{lname}", params_dtype=dtype)
             elif lname == "gate_up_proj":
                 layer = MergedColumnParallelLinear(hidden, [inter, inter], bias=True, quant_config=cfg,
-                                                   prefix=f"m.{lname}")
+                                                   prefix=f"m.{lname}", params_dtype=dtype)
             else:
-                layer = RowParallelLinear(inter, hidden, bias=True, quant_config=cfg, prefix=f"m.{lname}")
+                layer = RowParallelLinear(inter, hidden, bias=True, quant_config=cfg, prefix=f"m.{lname}",
+                                          params_dtype=dtype)
             refs = []
             for i, (sub, sid, (o, n)) in enumerate(zip(subs, shard_ids, shapes)):
                 q, bias = _synthetic_module(o, n, qe, seed=10 + i)
@@ -103,16 +108,17 @@ def _run(opts, rank: int, ws: int, port: str) -> None:
                 refs.append(FakeQuantLinear(q, bias, qe.activation.bits if qe.activation else None))
             layer.quant_method.process_weights_after_loading(layer)
             inp = x if lname != "down_proj" else torch.randn(37, inter, generator=torch.Generator().manual_seed(2))
+            inp = inp.to(dtype).float()  # the reference sees the same (rounded) input
             if lname == "down_proj":
                 local = inp.chunk(ws, dim=-1)[rank]
-                got = layer(local)[0]
+                got = layer(local.to(dtype))[0].float()
                 want = refs[0](inp)
             else:
-                got = layer(inp)[0]
+                got = layer(inp.to(dtype))[0].float()
                 want = torch.cat([r(inp).chunk(ws, dim=-1)[rank] for r in refs], dim=-1)
             err = float((got - want).abs().max())
             if rank == 0:
-                print(json.dumps({"layer": lname, "tp": ws, "max_abs_err": err,
+                print(json.dumps({"layer": lname, "tp": ws, "max_abs_err": err, "kernel": layer.quant_method.kernel.name,
                                   "ref_scale": float(want.abs().max())}), flush=True)
 
 

@@ -5,6 +5,11 @@ scales, zero points, the output side of the adapters) and with explicit loaders 
 per fused checkpoint module: smoothing vectors, adapter input sides, routers). Under tensor parallelism
 column-parallel layers shard the adapters' output side and row-parallel layers their input side; the router's
 partial scores are all-reduced in row-parallel layers so every rank picks the same expert.
+
+At load the base GEMM kernel is chosen once (runtime/kernels.py: vLLM's mixed-precision kernels first, then
+torch's CPU int4 GEMM or the project's Triton GEMM); the weights stay packed. Adapters run as per-token LoRA
+(runtime/adapters.py). The forward is plain torch plus registered ops, with no host synchronisation, so vLLM's
+torch.compile traces it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_qe.format import spec
-from vllm_qe.format.module import dequantize_packed
 from vllm_qe.format.packing import packed_width, shard_unit
 from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
-from vllm_qe.kernels import ops
 from vllm_qe.kernels.reference import route_grouped, router_scores
+from vllm_qe.runtime.adapters import adapter_delta
+from vllm_qe.runtime.kernels import KernelTarget, QEGemmKernel, QELayerSpec, choose_kernel, log_choice
 
 _SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 
@@ -81,6 +86,8 @@ class QELinearMethod(LinearMethodBase):
         layer.qe_out_splits = list(output_partition_sizes) if n > 1 else [out_p]
         layer.qe_in = in_p
         layer.qe_input_size = input_size
+        layer.qe_output_size = output_size
+        layer.qe_act_dtype = params_dtype
 
         def reg(name: str, param: torch.nn.Parameter) -> None:
             param.qe_suffix = name
@@ -123,34 +130,53 @@ class QELinearMethod(LinearMethodBase):
             if len(seen) < n:
                 missing = [self.ckpt_modules[i] for i in range(n) if i not in seen] if n > 1 else self.ckpt_modules
                 raise FormatError(f"{missing[0]}.{name}: missing from the checkpoint (layer {self.prefix})")
-        w = self.scheme.weight
         for mod, (_, in_f) in zip(self.ckpt_modules, layer.weight_shape.tolist()):
             if in_f != layer.qe_input_size:
                 raise FormatError(f"{mod}.weight_shape: input size {in_f} != model's {layer.qe_input_size}")
         scale = layer.weight_scale.data.float()
         if not torch.isfinite(scale).all() or (scale <= 0).any():
             raise FormatError(f"{self.ckpt_modules[0]}.weight_scale: contains NaN/Inf or non-positive scales")
-        layer.qe_use_triton = layer.weight_packed.is_cuda
-        if layer.qe_use_triton:
-            # CUDA: the Triton kernels read the checkpoint's packed layout as is (no repacking).
-            layer.qe_weight = None
-        else:
-            # CPU: keep the dequantized float32 weight for the torch path; drop the packed copies.
-            zero = getattr(layer, spec.WEIGHT_ZERO, None)
-            deq = dequantize_packed(layer.weight_packed.data, scale, None if zero is None else zero.data, w.bits,
-                                    w.group_size, layer.qe_in)
-            layer.qe_weight = torch.nn.Parameter(deq, requires_grad=False)
-            for name in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
-                if hasattr(layer, name):
-                    delattr(layer, name)
+        self.kernel = self._choose_kernel(layer)
+        self.kernel.process_weights_after_loading(layer)
+        delattr(layer, spec.WEIGHT_SHAPE)
         if self.scheme.smooth:
             sm = layer.smooth_scale.data
             if not torch.equal(sm, sm[:1].expand_as(sm)):
                 raise FormatError(f"{self.prefix}: fused modules {self.ckpt_modules} carry different smooth_scale "
                                   "tensors; they read the same input and must share one")
-            layer.qe_smooth = torch.nn.Parameter(sm[0].clone(), requires_grad=False)
+            layer.qe_smooth = torch.nn.Parameter(sm[0].float().clone(), requires_grad=False)
+            delattr(layer, spec.SMOOTH_SCALE)
         else:
             layer.qe_smooth = None
+        self._prepare_adapters(layer)
+
+    def _choose_kernel(self, layer: torch.nn.Module) -> QEGemmKernel:
+        """The base GEMM kernel of this layer (runtime/kernels.py), chosen once and logged per layer kind."""
+        w, act = self.scheme.weight, self.scheme.activation
+        c = QELayerSpec.build(layer.qe_input_size, layer.qe_output_size, layer.qe_in, sum(layer.qe_out_splits),
+                              w.bits, w.group_size, w.symmetric, act.bits if act else 0, layer.qe_act_dtype)
+        kernel = choose_kernel(c, KernelTarget.of(layer.weight_packed))
+        log_choice(self.prefix.rsplit(".", 1)[-1], kernel, c)
+        return kernel
+
+    def _prepare_adapters(self, layer: torch.nn.Module) -> None:
+        """Adapters in the activation dtype, laid out for `adapter_delta`: routed A `[n·E·r, in]`, routed B
+        `[out, E·r]`; the router stays float32."""
+        dt = layer.qe_act_dtype
+        a = self.scheme.adapters
+
+        def replace(name: str, t: torch.Tensor | None) -> None:
+            delattr(layer, name)
+            setattr(layer, name, torch.nn.Parameter(t.to(dt).contiguous(), requires_grad=False))
+
+        if a.shared_rank:
+            replace(spec.SHARED_A, layer.shared_a.data)
+            replace(spec.SHARED_B, layer.shared_b.data)
+        if a.num_routed:
+            ra, rb = layer.routed_a.data, layer.routed_b.data  # [n*E, r, in], [E, out, r]
+            replace(spec.ROUTED_A, ra.reshape(-1, ra.shape[-1]))
+            replace(spec.ROUTED_B, rb.permute(1, 0, 2).reshape(rb.shape[1], -1))
+            layer.router = torch.nn.Parameter(layer.router.data.float(), requires_grad=False)
 
     # -- apply -------------------------------------------------------------------------------------------------
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,16 +200,13 @@ class QELinearMethod(LinearMethodBase):
             xs = x2.float() if layer.qe_smooth is None else x2.float() / layer.qe_smooth
             local = xs.abs().amax(dim=-1, keepdim=True)
             absmax = get_tp_group().all_gather(local, dim=-1).amax(dim=-1, keepdim=True)
-        adapters = (getattr(layer, spec.SHARED_A, None), getattr(layer, spec.SHARED_B, None),
-                    getattr(layer, spec.ROUTED_A, None), getattr(layer, spec.ROUTED_B, None), expert_ids, absmax)
-        if layer.qe_use_triton:
-            w = self.scheme.weight
-            y = ops.qe_linear_packed(
-                x2, layer.weight_packed, layer.weight_scale, getattr(layer, spec.WEIGHT_ZERO, None), w.bits,
-                w.group_size, bias, layer.qe_smooth, act.bits if act else 0, layer.qe_out_splits, *adapters)
-        else:
-            y = ops.qe_linear(x2, layer.qe_weight, bias, layer.qe_smooth, act.bits if act else 0,
-                              layer.qe_out_splits, *adapters)
+        y = self.kernel.forward(layer, x2, layer.qe_smooth, absmax)
+        if a.shared_rank or a.num_routed:
+            y = y + adapter_delta(x2, layer.qe_out_splits, getattr(layer, spec.SHARED_A, None),
+                                  getattr(layer, spec.SHARED_B, None), getattr(layer, spec.ROUTED_A, None),
+                                  getattr(layer, spec.ROUTED_B, None), expert_ids, a.num_routed).to(y.dtype)
+        if bias is not None:
+            y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -6,8 +6,10 @@ w3 = up) and `w2_<suffix>` with an expert id. Parameters are `[E_local, ...]` st
 w1/w3 rows are this rank's slice of the intermediate dimension (column-parallel), w2 is sliced along its input
 (row-parallel, in whole packed words and whole groups); expert parallelism maps global to local expert ids.
 Experts are weight-only and carry a shared low-rank expert each (QE's correction; the MoE router already makes
-every expert token-dependent). CPU dequantizes once and runs the torch reference; CUDA keeps the packed layout
-and runs the grouped Triton kernel. The output is reduced across ranks by vLLM's MoE runner.
+every expert token-dependent). Weights stay packed: on CPU every expert in torch's int4 layout (one
+`_weight_int4pack_mm_for_cpu` per active expert, x86 vLLM has no int4 fused MoE; 2/3/4-bit grids, groups of
+32..256), else the checkpoint's layout with the grouped Triton kernel on CUDA or per-call dequantization of the
+active experts on CPU (8-bit, groups of 16). vLLM's Marlin / moe_wna16 int4 MoE on CUDA is not wired (no GPU here). The output is reduced across ranks by vLLM's MoE runner.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 
 from vllm_qe.format import spec
-from vllm_qe.format.module import dequantize_packed
 from vllm_qe.format.packing import packed_width, shard_unit
 from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
 from vllm_qe.kernels import ops
+from vllm_qe.runtime.kernels import Int4PackCPUKernel, KernelTarget, QELayerSpec, int4pack, int4pack_group
+
+logger = init_logger("vllm.plugins.vllm_qe")  # under the "vllm" logger, which vLLM configures
 
 _SHARDS = {"w1": 0, "w3": 1, "w2": 0}
 _CKPT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -59,6 +64,7 @@ class QEMoEMethod(FusedMoEMethodBase):
         g13, g2 = num_groups(H, w.group_size), num_groups(ip, w.group_size)
         layer.qe_loaded = set()
         layer.qe_dims = (E, H, ip)
+        layer.qe_act_dtype = params_dtype
         r = self.scheme.adapters.shared_rank
 
         def reg(name: str, data: torch.Tensor, mode: str) -> None:
@@ -121,26 +127,36 @@ class QEMoEMethod(FusedMoEMethodBase):
                 raise FormatError(f"{self.ckpt_prefix}: gate_proj and up_proj of an expert carry different "
                                   "smooth_scale tensors; they read the same input and must share one")
             smooth13, smooth2 = sm[:, 0].clone(), getattr(layer, f"w2_{spec.SMOOTH_SCALE}").data.clone()
-        layer.qe_adapters = self._stack_adapters(layer)
-        layer.qe_use_triton = layer.w13_weight_packed.is_cuda
-        w = self.scheme.weight
-        zero13, zero2 = (getattr(layer, f"{s}_{spec.WEIGHT_ZERO}", None) for s in ("w13", "w2"))
-        if layer.qe_use_triton:
-            layer.qe_smooth = (smooth13, smooth2)
-            return
-        # CPU: dequantize once (smoothing folded out: experts are weight-only) and drop the packed copies.
-        w13 = dequantize_packed(layer.w13_weight_packed.data, layer.w13_weight_scale.data,
-                                None if zero13 is None else zero13.data, w.bits, w.group_size, H)
-        w2 = dequantize_packed(layer.w2_weight_packed.data, layer.w2_weight_scale.data,
-                               None if zero2 is None else zero2.data, w.bits, w.group_size, ip)
-        if smooth13 is not None:
-            w13, w2 = w13 / smooth13[:, None, :], w2 / smooth2[:, None, :]
-        layer.qe_w13 = torch.nn.Parameter(w13, requires_grad=False)
-        layer.qe_w2 = torch.nn.Parameter(w2, requires_grad=False)
+        dt = layer.qe_act_dtype
+        ad = self._stack_adapters(layer)
+        layer.qe_adapters = None if ad is None else tuple(t.to(dt) for t in ad)
         for stem in ("w13", "w2"):
+            for suffix in (spec.WEIGHT_SHAPE, spec.SMOOTH_SCALE, spec.SHARED_A, spec.SHARED_B):
+                if hasattr(layer, f"{stem}_{suffix}"):
+                    delattr(layer, f"{stem}_{suffix}")
+        layer.qe_smooth = (smooth13, smooth2)
+        w = self.scheme.weight
+        spec13 = QELayerSpec.build(H, 2 * ip, H, 2 * ip, w.bits, w.group_size, w.symmetric, 0, dt)
+        spec2 = QELayerSpec.build(ip, H, ip, H, w.bits, w.group_size, w.symmetric, 0, dt)
+        target = KernelTarget.of(layer.w13_weight_packed)
+        ok = all(Int4PackCPUKernel.can_implement(c, target)[0] for c in (spec13, spec2))
+        self.kernel = "Int4PackCPUKernel" if ok else "TritonMoE" if target.device == "cuda" else "ReferenceMoE"
+        logger.info("vllm-qe: MoE experts (%s) -> %s", spec13.describe(), self.kernel)
+        if not ok:  # CUDA: the grouped Triton kernel; CPU fallback: per-call dequantization of active experts
+            return
+        # CPU: every expert in torch's int4 layout, converted one expert at a time (bounded temporaries).
+        for stem, c in (("w13", spec13), ("w2", spec2)):
+            packed = getattr(layer, f"{stem}_{spec.WEIGHT_PACKED}").data
+            scale = getattr(layer, f"{stem}_{spec.WEIGHT_SCALE}").data
+            zero = getattr(layer, f"{stem}_{spec.WEIGHT_ZERO}", None)
+            ws, szs = zip(*(int4pack(packed[e], scale[e], None if zero is None else zero.data[e], c)
+                            for e in range(E)))
             for suffix in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
                 if hasattr(layer, f"{stem}_{suffix}"):
                     delattr(layer, f"{stem}_{suffix}")
+            setattr(layer, f"qe_{stem}_w4", torch.nn.Parameter(torch.stack(ws), requires_grad=False))
+            setattr(layer, f"qe_{stem}_sz", torch.nn.Parameter(torch.stack(szs), requires_grad=False))
+        layer.qe_groups = (int4pack_group(spec13), int4pack_group(spec2))
 
     def _stack_adapters(self, layer) -> tuple[torch.Tensor, ...] | None:
         """(A13 `[E, 2r, H]`, block-diagonal B13 `[E, 2I_p, 2r]`, A2 `[E, r, I_p]`, B2 `[E, H, r]`) or None."""
@@ -164,13 +180,14 @@ class QEMoEMethod(FusedMoEMethodBase):
             weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))
             ids = ids.clamp(min=0)
         ad = layer.qe_adapters or (None, None, None, None)
-        if layer.qe_use_triton:
-            w = self.scheme.weight
-            return ops.qe_fused_moe_packed(
-                x, layer.w13_weight_packed, layer.w13_weight_scale, getattr(layer, f"w13_{spec.WEIGHT_ZERO}", None),
-                layer.w2_weight_packed, layer.w2_weight_scale, getattr(layer, f"w2_{spec.WEIGHT_ZERO}", None),
-                w.bits, w.group_size, ids, weights, *ad, *layer.qe_smooth)
-        return ops.qe_fused_moe(x, layer.qe_w13, layer.qe_w2, ids, weights, *ad)
+        if self.kernel == "Int4PackCPUKernel":
+            return ops.qe_moe_int4pack(x, layer.qe_w13_w4, layer.qe_w13_sz, layer.qe_groups[0], layer.qe_w2_w4,
+                                       layer.qe_w2_sz, layer.qe_groups[1], ids, weights, *ad, *layer.qe_smooth)
+        w = self.scheme.weight
+        return ops.qe_fused_moe_packed(
+            x, layer.w13_weight_packed, layer.w13_weight_scale, getattr(layer, f"w13_{spec.WEIGHT_ZERO}", None),
+            layer.w2_weight_packed, layer.w2_weight_scale, getattr(layer, f"w2_{spec.WEIGHT_ZERO}", None),
+            w.bits, w.group_size, ids, weights, *ad, *layer.qe_smooth)
 
 
 def _local_to_global(layer, num_local: int) -> list[int]:
