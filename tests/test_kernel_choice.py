@@ -1,0 +1,101 @@
+"""Which base GEMM each layer gets (runtime/kernels.py), for CUDA capabilities on this CPU machine and for CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_qe.runtime.kernels import KernelTarget, QELayerSpec, choose_kernel_class, vllm_weight_type
+
+
+def _spec(bits: int, act_bits: int = 0, symmetric: bool = True, group: int = 128, dtype=torch.bfloat16,
+          shape: tuple[int, int] = (2048, 4096)) -> QELayerSpec:
+    k, n = shape
+    return QELayerSpec.build(k, n, k, n, bits, group, symmetric, act_bits, dtype)
+
+
+def test_grid_maps_onto_vllm_scalar_types():
+    assert str(vllm_weight_type(4, True)) == "uint4b8"
+    assert str(vllm_weight_type(4, False)) == "uint4"
+    assert str(vllm_weight_type(8, True)) == "uint8b128"
+    assert vllm_weight_type(3, True) is None
+
+
+@pytest.mark.parametrize("capability, sym, dtype, want", [
+    (90, True, torch.bfloat16, "MacheteLinearKernel"),
+    (90, False, torch.float16, "MacheteLinearKernel"),
+    (80, True, torch.bfloat16, "MarlinLinearKernel"),
+    (80, False, torch.float16, "MarlinLinearKernel"),
+])
+def test_cuda_w4a16_uses_vllms_machete_or_marlin(capability, sym, dtype, want):
+    kind, _ = choose_kernel_class(_spec(4, symmetric=sym, dtype=dtype), KernelTarget("cuda", capability))
+    assert kind.__name__ == "VllmMPKernel"
+    from vllm_qe.runtime.kernels import vllm_choice
+
+    chosen, _ = vllm_choice(_spec(4, symmetric=sym, dtype=dtype), KernelTarget("cuda", capability))
+    assert chosen.__name__ == want
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("bits, act_bits", [(3, 0), (4, 8), (4, 6), (2, 0)])
+def test_cuda_own_triton_gemm_where_vllm_has_none(capability, bits, act_bits):
+    kind, reasons = choose_kernel_class(_spec(bits, act_bits), KernelTarget("cuda", capability))
+    assert kind.__name__ == "TritonGemmKernel", reasons
+    assert reasons and reasons[0].startswith("VllmMPKernel")
+
+
+@pytest.mark.parametrize("spec_kw, want", [
+    (dict(bits=4), "VllmMPKernel"),  # vLLM's CPUWNA16 (bf16)
+    (dict(bits=4, act_bits=8), "VllmMPKernel"),  # activation fake-quant in torch, then vLLM's GEMM
+    (dict(bits=4, dtype=torch.float32), "Int4PackCPUKernel"),  # cpu_gemm_wna16 has no float32 path
+    (dict(bits=3), "Int4PackCPUKernel"),
+    (dict(bits=2, symmetric=False), "Int4PackCPUKernel"),
+    (dict(bits=4, group=16, dtype=torch.float32), "ReferenceKernel"),  # torch's int4 GEMM: groups >= 32
+    (dict(bits=8, dtype=torch.float32), "ReferenceKernel"),
+    (dict(bits=4, shape=(2048, 100), dtype=torch.float32), "ReferenceKernel"),  # out % 16
+])
+def test_cpu_choice(spec_kw, want):
+    kind, reasons = choose_kernel_class(_spec(**spec_kw), KernelTarget("cpu"))
+    assert kind.__name__ == want, reasons
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, -1])
+def test_int4pack_holds_the_checkpoint_grid_exactly(bits, symmetric, group):
+    """torch's CPU int4 layout reproduces `dequantize_packed` bit for bit in float32 (identity input)."""
+    from vllm_qe.format.module import dequantize_packed
+    from vllm_qe.format.packing import pack
+    from vllm_qe.format.quantizer import num_groups
+    from vllm_qe.runtime.kernels import Int4PackCPUKernel, int4pack
+
+    out_f, in_f = 48, 192
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.int32)
+    ng = num_groups(in_f, group)
+    scale = (torch.rand(out_f, ng, generator=g) * 0.02 + 1e-3).half()
+    zero = None if symmetric else torch.randint(0, 2**bits, (out_f, ng), generator=g).to(torch.uint8)
+    packed = pack(q, bits)
+    c = QELayerSpec.build(in_f, out_f, in_f, out_f, bits, group, symmetric, 0, torch.float32)
+    assert Int4PackCPUKernel.can_implement(c, KernelTarget("cpu"))[0]
+    w4, sz = int4pack(packed, scale, zero, c)
+    assert w4.dtype == torch.uint8 and w4.numel() == out_f * in_f // 2  # 4 bits per weight
+    from vllm_qe.runtime.kernels import int4pack_group
+
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(in_f), w4, int4pack_group(c), sz)
+    want = dequantize_packed(packed, scale, zero, bits, group, in_f)
+    assert torch.equal(got.t(), want)
+
+
+def test_masked_routed_adapters_equal_punica_and_the_reference():
+    from vllm_qe.kernels.reference import routed_lowrank
+    from vllm_qe.runtime.adapters import routed_masked, routed_punica
+
+    g = torch.Generator().manual_seed(0)
+    T, K, N, E, r = 23, 64, 40, 4, 8
+    x, a, b = torch.randn(T, K, generator=g), torch.randn(E, r, K, generator=g), torch.randn(E, N, r, generator=g)
+    ids = torch.randint(0, E, (T,), generator=g)
+    want = routed_lowrank(x, a, b, ids)
+    masked = routed_masked(x, a.reshape(E * r, K), b.permute(1, 0, 2).reshape(N, E * r), ids, E)
+    torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed_punica(x, a, b, ids), want, rtol=1e-5, atol=1e-5)
