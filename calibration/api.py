@@ -39,7 +39,7 @@ def plan_calibration(model_dir: str | Path, config: CalibrationConfig | None = N
     from vllm_qe.calibration.streaming import TensorSource
 
     config = config or CalibrationConfig()
-    algorithm = get_algorithm(config.method, **config.method_params)
+    algorithm = get_algorithm(config.method, clip=config.clip, **config.method_params)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(model_dir)))
     source = TensorSource(model, model_dir)
@@ -57,7 +57,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     from transformers import AutoProcessor
 
     config = config or CalibrationConfig()
-    algorithm = get_algorithm(config.method, **config.method_params)  # bad parameters fail before any loading
+    algorithm = get_algorithm(config.method, clip=config.clip, **config.method_params)  # bad parameters fail before any loading
     if config.offload and config.token_importance == "first_order":
         raise ValueError("offload: token_importance 'first_order' needs a whole RTN copy of the model; "
                          "use 'gradnorm' or calibrate without offload")

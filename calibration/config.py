@@ -25,6 +25,7 @@ class CalibrationConfig:
     ignore: list[str] = field(default_factory=list)
     propagate: str = "quantized"
     token_importance: str | None = None  # TLQ: None | "gradnorm" | "first_order"
-    method_params: dict[str, Any] = field(default_factory=dict)  # parsed into the algorithm's typed Config
+    method_params: dict[str, Any] = field(default_factory=dict)
+    clip: str = "minmax"  # weight group ranges of every quantizer: minmax | mse (per-group searched clipping)  # parsed into the algorithm's typed Config
     offload: bool = False  # stream block weights from safetensors; calibrated blocks live on disk (streaming.py)
     max_activation_mib: float | None = None  # one block's hidden states kept in memory; the rest spill to disk

@@ -21,7 +21,7 @@ def _calibration_config(a: argparse.Namespace):
         symmetric=a.symmetric, calib=a.calib, num_samples=a.num_samples, seed=a.seed,
         quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
         propagate=a.propagate, token_importance=a.token_importance, method_params=params, offload=a.offload,
-        max_activation_mib=a.max_activation_mib,
+        max_activation_mib=a.max_activation_mib, clip=a.clip,
     )
 
 
@@ -41,7 +41,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
             return _fail("--out is required (unless --dry-run)")
         from vllm_qe.calibration.algorithms import get_algorithm
 
-        get_algorithm(cfg.method, **cfg.method_params)  # parameter errors before anything is loaded
+        get_algorithm(cfg.method, clip=cfg.clip, **cfg.method_params)  # parameter errors before anything is loaded
     except ValueError as e:
         return _fail(str(e))
     out = calibrate(a.model_dir, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, resume=not a.no_resume)
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--abits", type=int, default=None, help="activation bits (4/6/8); omit or 16 for weight-only")
     c.add_argument("--group-size", type=int, default=128, help="-1 = per-channel")
     c.add_argument("--symmetric", action="store_true")
+    c.add_argument("--clip", choices=["minmax", "mse"], default="minmax",
+                   help="group ranges of every weight quantizer: min-max, or per-group clipping searched on the "
+                        "(diag-Hessian-weighted) quantization error")
     c.add_argument("--calib", default="builtin:vqa", help="builtin:vqa or a datasets imagefolder path")
     c.add_argument("--num-samples", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)

@@ -64,7 +64,14 @@ class Algorithm:
     supports_moe: bool = True
     shared_expert_scale: bool = False
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: Any = None, *, clip: str = "minmax") -> None:
+        """`config`: the algorithm's typed `Config`; `clip`: how every weight quantizer of this algorithm picks
+        group ranges (`minmax` | `mse`, `quantizer.choose_qparams`; the `vllm-qe calibrate --clip` flag)."""
+        from vllm_qe.format.quantizer import CLIPS
+
+        if clip not in CLIPS:
+            raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
+        self.clip = clip
         self.config = self.Config() if config is None else config
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{self.name}: config must be a {self.Config.__name__}, got {type(self.config).__name__}")
@@ -164,9 +171,10 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-def get_algorithm(name: str, **params: Any) -> Algorithm:
-    """The algorithm `name` configured from `params` (validated against its `Config`)."""
+def get_algorithm(name: str, *, clip: str = "minmax", **params: Any) -> Algorithm:
+    """The algorithm `name` configured from `params` (validated against its `Config`); `clip`: its weight
+    quantizers' range choice (`Algorithm.__init__`)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {sorted(REGISTRY)}")
     cls = REGISTRY[name]
-    return cls(cls.parse_params(params))
+    return cls(cls.parse_params(params), clip=clip)

@@ -32,7 +32,7 @@ class SmoothQuant(Algorithm):
         return True
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        return smooth_then_quantize(Recipe("smoothquant", "rtn", alpha=self.config.alpha), targets)
+        return smooth_then_quantize(Recipe("smoothquant", "rtn", alpha=self.config.alpha, clip=self.clip), targets)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class AWQ(Algorithm):
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe("awq", self.config.base, grid=self.config.grid, loss=self.loss)
+        return Recipe("awq", self.config.base, grid=self.config.grid, loss=self.loss, clip=self.clip)
 
     def uses_smoothing(self, act_quantized: bool) -> bool:
         return True
@@ -114,7 +114,7 @@ class LQER(Algorithm):
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
         out = {}
         for t in targets:
-            q = quantize_smoothed(self.config.base, t, None)
+            q = quantize_smoothed(self.config.base, t, None, clip=self.clip)
             s = t.stats.abs_mean.clamp(min=1e-4)
             s = s / (s.min() * s.max()).sqrt()
             err = t.weight.float() - dequantize(q.qweight, q.scale, q.zero, q.group_size)

@@ -38,6 +38,7 @@ class Recipe:
     grid: int = 20
     loss: str = "mse"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    clip: str = "minmax"  # the quantizer's group ranges (`quantizer.choose_qparams`)
 
     @property
     def smooths(self) -> bool:
@@ -65,17 +66,18 @@ def smoothing_scales(recipe: Recipe, targets: list[LinearTarget],
 
 
 def quantize_smoothed(quantizer: Quantizer, target: LinearTarget, smooth: torch.Tensor | None,
-                      gptq: GPTQConfig | None = None) -> QuantizedLinear:
-    """`target`'s weight times `diag(smooth)` quantized by `quantizer`; GPTQ uses the Hessian of `x / smooth`."""
+                      gptq: GPTQConfig | None = None, clip: str = "minmax") -> QuantizedLinear:
+    """`target`'s weight times `diag(smooth)` quantized by `quantizer` (group ranges by `clip`); GPTQ uses the
+    Hessian of `x / smooth`."""
     scheme = target.scheme.weight
     if quantizer == "rtn":
-        return rtn_quantize(target.weight, scheme, smooth=smooth)
+        return rtn_quantize(target.weight, scheme, smooth=smooth, clip=clip)
     if quantizer == "gptq":
         h = target.stats.hessian()
         if smooth is not None:
             h = h / torch.outer(smooth.double(), smooth.double())  # the GPTQ inputs are x / s
         q = gptq_quantize(target.weight if smooth is None else target.weight * smooth, h, scheme,
-                          **asdict(gptq or GPTQConfig()))
+                          clip=clip, **asdict(gptq or GPTQConfig()))
         q.smooth = smooth
         return q
     raise ValueError(f"unknown quantizer {quantizer!r}")
@@ -85,7 +87,7 @@ def smooth_then_quantize(recipe: Recipe, targets: list[LinearTarget],
                          token_weight: torch.Tensor | None = None) -> dict[str, QuantizedLinear]:
     """One smoothing vector for the group, then each member quantized on it."""
     s = smoothing_scales(recipe, targets, token_weight)
-    return {t.name: quantize_smoothed(recipe.quantizer, t, s, recipe.gptq) for t in targets}
+    return {t.name: quantize_smoothed(recipe.quantizer, t, s, recipe.gptq, recipe.clip) for t in targets}
 
 
 # `base=` of the algorithms that build on another one: name -> (smoothing, quantizer). `veq` is GPTQ whose

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import compute_qparams, mse_clip_qparams
+from vllm_qe.format.quantizer import CLIPS, choose_qparams
 from vllm_qe.format.spec import ModuleScheme, WeightScheme
 
 ACT_ORDERS = ("none", "static", "group")
-CLIPS = ("minmax", "mse")
 
 
 def gptq_quantize(
@@ -58,11 +58,8 @@ def gptq_quantize(
         chunk = chunk.clone()
         if exempt is not None:
             chunk[:, exempt[cols]] = 0.0
-        if clip == "mse":
-            qp = mse_clip_qparams(chunk.float(), scheme.bits, gs, scheme.symmetric, sym_grid=sym_grid,
-                                  column_weight=column_weight[cols])
-        else:
-            qp = compute_qparams(chunk.float(), scheme.bits, gs, scheme.symmetric, sym_grid=sym_grid)
+        qp = choose_qparams(chunk.float(), scheme.bits, gs, scheme.symmetric, clip, sym_grid=sym_grid,
+                            column_weight=column_weight[cols])
         return qp.scale, qp.zero
 
     perm = torch.arange(in_f)
@@ -114,6 +111,7 @@ class GPTQConfig:
     field is a keyword of `gptq_quantize`."""
 
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    actorder: Literal["none", "static"] = "none"  # column order (gptq_quantize); `group` is not in format v1
 
 
 @register
@@ -127,5 +125,6 @@ class GPTQ(Algorithm):
         return StatsRequest(gram=True)
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        return {t.name: gptq_quantize(t.weight, t.stats.hessian(), t.scheme.weight, **asdict(self.config))
+        return {t.name: gptq_quantize(t.weight, t.stats.hessian(), t.scheme.weight, clip=self.clip,
+                                         **asdict(self.config))
                 for t in targets}

@@ -19,7 +19,7 @@ from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import compute_qparams, dequantize, quantize
+from vllm_qe.format.quantizer import choose_qparams, dequantize, quantize
 from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme
 
 
@@ -96,15 +96,15 @@ def token_groups(x: torch.Tensor, channel_score: torch.Tensor, k: int, channels:
 
 
 def base_quantize(w: torch.Tensor, scheme: WeightScheme, exempt: torch.Tensor | None, hessian: torch.Tensor | None,
-                  method: str, gptq: GPTQConfig | None = None) -> QuantizedLinear:
+                  method: str, gptq: GPTQConfig | None = None, clip: str = "minmax") -> QuantizedLinear:
     """RTN or GPTQ (with `gptq`'s options) of `w` with `exempt` columns forced to dequantize to 0 (they are left
-    to the adapters)."""
+    to the adapters); group ranges by `clip`."""
     if method == "gptq":
-        return gptq_quantize(w, hessian, scheme, exempt=exempt, **asdict(gptq or GPTQConfig()))
+        return gptq_quantize(w, hessian, scheme, exempt=exempt, clip=clip, **asdict(gptq or GPTQConfig()))
     wz = w.clone()
     if exempt is not None:
         wz[:, exempt] = 0.0
-    qp = compute_qparams(wz, scheme.bits, scheme.group_size, scheme.symmetric)
+    qp = choose_qparams(wz, scheme.bits, scheme.group_size, scheme.symmetric, clip)
     return QuantizedLinear(quantize(wz, qp), qp.scale, qp.zero, scheme.bits, scheme.group_size, scheme.symmetric)
 
 
@@ -135,7 +135,8 @@ def route_tokens(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
 
 def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEParams,
            smooth: torch.Tensor | None, base: str, token_weight: torch.Tensor | None = None,
-           gptq: GPTQConfig | None = None, ranks: AdapterScheme | None = None) -> QuantizedLinear:
+           gptq: GPTQConfig | None = None, ranks: AdapterScheme | None = None,
+           clip: str = "minmax") -> QuantizedLinear:
     """Quantize one linear layer and fit its shared expert, routed experts and router.
 
     `weight` `[out, in]`; `stats` with Gram, reservoir and top-k co-occurrence; `smooth` `[in]` or None.
@@ -159,7 +160,7 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
     ws = w if smooth is None else w * smooth
     h = stats.hessian().float()
     hs = h if smooth is None else h / torch.outer(smooth, smooth)
-    q = base_quantize(ws, scheme.weight, exempt, hs, base, gptq)
+    q = base_quantize(ws, scheme.weight, exempt, hs, base, gptq, clip)
     q.smooth = smooth
     w_hat = dequantize(q.qweight, q.scale, q.zero, q.group_size)
     if smooth is not None:
@@ -319,7 +320,7 @@ class QuantExperts(Algorithm):
         if b == "auto":
             b = "smoothquant" if scheme.activation is not None else "rtn"
         smoothing, quantizer = BASES[b]
-        return Recipe(smoothing, quantizer, alpha=self.p.alpha)
+        return Recipe(smoothing, quantizer, alpha=self.p.alpha, clip=self.clip)
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
         recipe = self.recipe(targets[0].scheme)
@@ -328,5 +329,5 @@ class QuantExperts(Algorithm):
         for t in targets:
             # ranks from the module's scheme: MoE experts get one shared expert of `expert_rank` (their override)
             out[t.name] = qe_fit(t.weight, t.stats, t.scheme, self.p, s, recipe.quantizer, t.stats.sample_weight,
-                                 recipe.gptq, t.scheme.adapters)
+                                 recipe.gptq, t.scheme.adapters, recipe.clip)
         return out

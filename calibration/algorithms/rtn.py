@@ -6,14 +6,16 @@ import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, register
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import compute_qparams, quantize
+from vllm_qe.format.quantizer import choose_qparams, quantize
 from vllm_qe.format.spec import WeightScheme
 
 
-def rtn_quantize(weight: torch.Tensor, scheme: WeightScheme, smooth: torch.Tensor | None = None) -> QuantizedLinear:
-    """Quantize `weight` `[out, in]` (times `diag(smooth)` when given) by round-to-nearest."""
+def rtn_quantize(weight: torch.Tensor, scheme: WeightScheme, smooth: torch.Tensor | None = None,
+                 clip: str = "minmax") -> QuantizedLinear:
+    """Quantize `weight` `[out, in]` (times `diag(smooth)` when given) by round-to-nearest, group ranges by
+    `clip` (`quantizer.choose_qparams`)."""
     w = weight.float() if smooth is None else weight.float() * smooth.float()
-    qp = compute_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric)
+    qp = choose_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, clip)
     return QuantizedLinear(quantize(w, qp), qp.scale, qp.zero, scheme.bits, scheme.group_size, scheme.symmetric,
                            smooth=None if smooth is None else smooth.float())
 
@@ -26,4 +28,4 @@ class RTN(Algorithm):
     name = "rtn"
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        return {t.name: rtn_quantize(t.weight, t.scheme.weight) for t in targets}
+        return {t.name: rtn_quantize(t.weight, t.scheme.weight, clip=self.clip) for t in targets}

@@ -94,7 +94,8 @@ class VEQ(Algorithm):
     @property
     def recipe(self) -> Recipe:
         """The base composition: AWQ-style smoothing for ME (expert-weighted on MoE experts), GPTQ for MA."""
-        return Recipe("awq" if "me" in self.config.mode else "none", "gptq" if "ma" in self.config.mode else "rtn")
+        return Recipe("awq" if "me" in self.config.mode else "none", "gptq" if "ma" in self.config.mode else "rtn",
+                      clip=self.clip)
 
     def uses_smoothing(self, act_quantized: bool) -> bool:
         return self.recipe.smooths
@@ -121,4 +122,4 @@ class VEQ(Algorithm):
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
         s = self._scales(targets) if self.recipe.smooths else None
-        return {t.name: quantize_smoothed(self.recipe.quantizer, t, s) for t in targets}
+        return {t.name: quantize_smoothed(self.recipe.quantizer, t, s, clip=self.clip) for t in targets}

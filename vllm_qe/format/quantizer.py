@@ -118,6 +118,22 @@ def mse_clip_qparams(
     return best
 
 
+CLIPS = ("minmax", "mse")
+
+
+def choose_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "minmax", *,
+    sym_grid: str = "restricted", column_weight: torch.Tensor | None = None,
+) -> WeightQuantParams:
+    """Group parameters of `w` `[out, in]`: min-max (`clip="minmax"`) or the per-group MSE-searched clipping
+    (`clip="mse"`, `mse_clip_qparams`, weighted per input column by `column_weight` `[in]` when given)."""
+    if clip == "minmax":
+        return compute_qparams(w, bits, group_size, symmetric, sym_grid=sym_grid)
+    if clip == "mse":
+        return mse_clip_qparams(w, bits, group_size, symmetric, sym_grid=sym_grid, column_weight=column_weight)
+    raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
+
+
 def _group_error(w: torch.Tensor, qp: WeightQuantParams, column_weight: torch.Tensor, norm: float) -> torch.Tensor:
     """`[out, G]` weighted `Σ |w - Q(w)|^norm` per group."""
     err = (fake_quantize_weight(w, qp) - w).abs().pow(norm) * column_weight[None, :]
