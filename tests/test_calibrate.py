@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 
+from vllm_qe.calibration.algorithms import REGISTRY, Algorithm, StatsRequest
+from vllm_qe.calibration.algorithms.compose import SEARCH_TOKENS, Recipe, smooth_then_quantize
+from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.algorithms.rtn import RTN
 from vllm_qe.calibration.api import CalibrationConfig, calibrate
 from vllm_qe.calibration.data import build_inputs
 from vllm_qe.calibration.fakequant import FakeQuantLinear, load_fake_quant_model
 from vllm_qe.format.checkpoint import inspect_checkpoint, load_tensors, read_qe_config
 from vllm_qe.format.quantizer import compute_qparams, fake_quantize_weight
+from vllm_qe.format.spec import AdapterScheme
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "llava"])
@@ -42,8 +48,6 @@ def test_rtn_checkpoint_covers_vision_and_language(arch, quantized_dir, tiny_dir
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
 def test_layers_reading_one_input_are_grouped_and_no_others(arch, quantized_dir):
-    import json
-
     out = quantized_dir(arch, "rtn", wbits=4, abits=8)
     groups = json.loads((out / "vllm_qe_report.json").read_text())["input_groups"]
     short = sorted(tuple(sorted(n.rsplit(".", 1)[1] for n in g)) for g in groups if ".layers.1." in g[0]
@@ -136,3 +140,102 @@ def test_existing_output_is_not_clobbered(tmp_path, tiny_dir):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError):
         calibrate(tiny_dir("qwen2_vl"), tmp_path / "out", CalibrationConfig(num_samples=1), progress=False)
+
+
+# -- the algorithm contract from the outside: a new algorithm is one class + one registry line ----------------------
+@dataclass
+class _AWQLowRankConfig:
+    rank: int = 8
+    grid: int = 10
+
+
+class _AWQLowRank(Algorithm):
+    """The worked example of docs/architecture.md: AWQ scales + RTN (composed), then a shared low-rank expert
+    fitted to the remaining error in the activation norm."""
+
+    name = "awq_lr"
+    Config = _AWQLowRankConfig
+
+    @property
+    def adapters(self) -> AdapterScheme:
+        return AdapterScheme(shared_rank=self.config.rank)
+
+    def uses_smoothing(self, act_quantized: bool) -> bool:
+        return True
+
+    def stats_request(self, scheme) -> StatsRequest:
+        return StatsRequest(gram=True, max_tokens=SEARCH_TOKENS)
+
+    def quantize_group(self, targets):
+        out = smooth_then_quantize(Recipe("awq", "rtn", grid=self.config.grid), targets,
+                                   targets[0].stats.sample_weight)
+        for t in targets:
+            q = out[t.name]
+            a, b = whitened_svd(t.weight - q.dequantized_weight(), t.stats.hessian(), self.config.rank)
+            q.shared_a, q.shared_b = pad_rank(a, b, self.config.rank)
+        return out
+
+
+def test_a_toy_algorithm_registered_in_one_line_calibrates_end_to_end(monkeypatch, tmp_path, tiny_dir):
+    monkeypatch.setitem(REGISTRY, _AWQLowRank.name, _AWQLowRank)  # the one registry line
+    with pytest.raises(ValueError, match=r"method 'awq_lr': unknown parameter 'rnak'; allowed: rank: int = 8"):
+        calibrate(tiny_dir("qwen2_vl"), tmp_path / "bad", CalibrationConfig(method="awq_lr", method_params={"rnak": 4}))
+    assert not (tmp_path / "bad").exists()
+    cfg = CalibrationConfig(method="awq_lr", method_params={"rank": 4}, wbits=3, abits=8, group_size=32,
+                            num_samples=2)
+    out = calibrate(tiny_dir("qwen2_vl"), tmp_path / "toy", cfg, progress=False)
+    qcfg = read_qe_config(out)
+    assert qcfg.algorithm == {"name": "awq_lr", "params": {"rank": 4}} and qcfg.adapters.shared_rank == 4
+    assert qcfg.smooth and len(qcfg.quantized_modules) == 38
+    tensors = load_tensors(out)
+    for m in qcfg.quantized_modules:
+        assert tensors[f"{m}.shared_a"].shape[0] == 4 and f"{m}.smooth_scale" in tensors
+    # on one synthetic layer, the low-rank expert lowers AWQ's output error (same scales, same integers)
+    from vllm_qe.calibration.algorithms import LinearTarget, get_algorithm
+    from vllm_qe.calibration.stats import InputStats
+    from vllm_qe.format.spec import ActivationScheme, ModuleScheme, WeightScheme
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    w = torch.randn(48, 64, generator=g) * 0.05
+    st = InputStats(64, gram=True, max_tokens=SEARCH_TOKENS)
+    st.update(x, torch.zeros(512, dtype=torch.bool))
+    scheme = ModuleScheme(WeightScheme(3, 32, False), ActivationScheme(bits=8), AdapterScheme(shared_rank=8))
+    errs = {}
+    for name in ("awq", "awq_lr"):
+        q = get_algorithm(name, grid=10).quantize_group([LinearTarget("l", w, None, st, scheme)])["l"]
+        y = FakeQuantLinear(q, None, 8)(x)
+        errs[name] = float((y - x @ w.t()).norm())
+    assert errs["awq_lr"] < 0.8 * errs["awq"], errs
+
+
+def test_cli_rejects_a_mistyped_method_param_naming_the_algorithm_and_its_keys(tmp_path, capsys):
+    from vllm_qe.cli import main
+
+    rc = main(["calibrate", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--method", "qe",
+               "--method-params", '{"alpah": 1}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "method 'qe': unknown parameter 'alpah'" in err and "alpha: float = 0.5" in err
+    assert "num_routed: int = 8" in err and not (tmp_path / "out").exists()
+    rc = main(["calibrate", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--method", "veq",
+               "--method-params", '{"mode": "mx"}'])
+    assert rc == 2 and "parameter 'mode' must be 'ma' | 'me' | 'me+ma', got 'mx'" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_the_calibration_follows(quantized_dir, tiny_dir, tmp_path, capsys):
+    from vllm_qe.calibration.api import plan_calibration
+    from vllm_qe.cli import main
+
+    model = tiny_dir("qwen3_vl_moe")
+    rc = main(["calibrate", str(model), "--out", str(tmp_path / "out"), "--method", "veq", "--method-params",
+               '{"mode": "me+ma"}', "--group-size", "32", "--no-vision", "--dry-run"])
+    text = capsys.readouterr().out
+    assert rc == 0 and not (tmp_path / "out").exists()
+    assert "method veq: VEQConfig(mode='me+ma')" in text and "gradient pass yes" in text
+    assert "model.visual" not in text  # --no-vision: only the language blocks
+    assert "1 language  model.language_model.layers.0: self_attn.q_proj" in text
+    assert "mlp.experts.{0..7}.{gate,up,down}_proj [W4 g32]" in text
+    # the plan's modules are exactly those a calibration with the same settings quantizes
+    plan = plan_calibration(model, CalibrationConfig(method="rtn", group_size=32))
+    planned = sorted(plan.disk[n] for n in plan.in_chains if plan.scheme_of(n) is not None)
+    assert planned == read_qe_config(quantized_dir("qwen3_vl_moe", "rtn", wbits=4, abits=None)).quantized_modules
