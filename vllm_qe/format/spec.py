@@ -162,6 +162,8 @@ class QEConfig:
         _check_bool(d["smooth"], f"{where}.smooth")
         if not isinstance(d["algorithm"], dict) or not isinstance(d["algorithm"].get("name"), str):
             raise FormatError(f"{where}.algorithm: expected an object with a string `name`, got {d['algorithm']!r}")
+        if not isinstance(d["algorithm"].get("params", {}), dict):
+            raise FormatError(f"{where}.algorithm.params: expected an object, got {d['algorithm']['params']!r}")
         for key in ("ignore", "quantized_modules"):
             if not isinstance(d[key], list) or not all(isinstance(v, str) for v in d[key]):
                 raise FormatError(f"{where}.{key}: expected a list of module names, got {str(d[key])[:80]}")

@@ -69,13 +69,12 @@ class Storage:
         return {k: (len(v), sum(n for n, _ in v), self._bpw(v)) for k, v in out.items()}
 
     def config_block(self) -> dict[str, Any]:
-        """The `quantization_config.storage` record (rounded so that it survives JSON unchanged)."""
+        """The `quantization_config.storage` record: the quantized modules only (rounded so that it survives JSON
+        unchanged); the whole checkpoint's size is not recorded (a norm stored in another float dtype is legal)."""
         return {
             "bits_per_weight": round(self.bits_per_weight(), 4),
             "quantized_weights": sum(n for n, _ in self.modules.values()),
             "quantized_bytes": sum(b for _, b in self.modules.values()) // 8,
-            "checkpoint_bytes": self.total_bytes,
-            "fp16_bytes": self.fp16_bytes,
             "per_module": {k: round(v[2], 4) for k, v in self.grouped(_record_key).items()},
         }
 

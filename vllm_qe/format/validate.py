@@ -238,9 +238,18 @@ def validate_checkpoint(model_dir: str | Path, *, model_config: dict[str, Any] |
     recorded = qcfg.storage
     if recorded is not None and recorded != out.storage.config_block():
         mine = out.storage.config_block()
-        diff = next((k for k in mine if recorded.get(k) != mine[k]), "bits_per_weight")
-        raise FormatError(f"{where}: quantization_config.storage.{diff}: recorded {str(recorded.get(diff))[:80]}, "
-                          f"the stored tensors give {str(mine[diff])[:80]}")
+        diff = next((k for k in mine if recorded.get(k) != mine[k]), None)
+        have, want = recorded.get(diff), mine.get(diff)
+        if diff is None:
+            diff = sorted(set(recorded) - set(mine))[0]
+            have, want = recorded[diff], "no such field"
+        elif isinstance(have, dict) and isinstance(want, dict):
+            mod = next(m for m in sorted(set(have) | set(want)) if have.get(m) != want.get(m))
+            diff, have, want = f"{diff}[{mod!r}]", have.get(mod, "nothing"), want.get(mod, "no such module")
+        have, want = (v if isinstance(v, str) and v in ("nothing", "no such field", "no such module")
+                      else json.dumps(v, default=str) for v in (have, want))
+        raise FormatError(f"{where}: quantization_config.storage.{diff}: recorded {have[:60]}, the stored "
+                          f"tensors give {want[:60]}")
     return out
 
 
