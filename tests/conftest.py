@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny models and checkpoints are built once per test session (seconds each)."""
+"""Shared fixtures (tiny models and checkpoints are built once per test session) and the test tiers.
+
+Tiers (README, "Tests"): `pytest -m "not vllm"` is the fast tier (algorithms, format, kernel references; under
+3 minutes on 2 cores); `pytest -m "vllm or integration"` the rest. A test is `integration` when it is marked so
+or uses the `tiny_dir` / `quantized_dir` fixtures (it builds or calibrates a model). `integration` tests are left
+out of any `-m` selection that does not name them, and `slow` tests (minutes) of any that does not name `slow`;
+a run without `-m` has everything but `slow`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,23 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+MODEL_FIXTURES = {"tiny_dir", "quantized_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    expr = config.getoption("markexpr") or ""
+    for item in items:
+        if MODEL_FIXTURES & set(item.fixturenames) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+    left_out = [m for m in ("slow", "integration") if m not in expr and (m == "slow" or expr)]
+    keep, dropped = [], []
+    for item in items:
+        (dropped if any(item.get_closest_marker(m) for m in left_out) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)

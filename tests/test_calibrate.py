@@ -239,3 +239,17 @@ def test_dry_run_prints_the_plan_the_calibration_follows(quantized_dir, tiny_dir
     plan = plan_calibration(model, CalibrationConfig(method="rtn", group_size=32))
     planned = sorted(plan.disk[n] for n in plan.in_chains if plan.scheme_of(n) is not None)
     assert planned == read_qe_config(quantized_dir("qwen3_vl_moe", "rtn", wbits=4, abits=None)).quantized_modules
+
+
+def test_vllm_qe_calibration_imports_from_a_plain_checkout(tmp_path):
+    """Nothing installed (`-S`: no .pth, so no editable finder), only the repository root on the path: the
+    `calibration/` and `kernels/` folders are still `vllm_qe.calibration` / `vllm_qe.kernels`."""
+    import site
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path[:0] = [{str(root)!r}]; sys.path.append({site.getsitepackages()[0]!r}); "
+            "import vllm_qe.calibration.api as a, vllm_qe.kernels.reference as r; print(a.__file__, r.__file__)")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(root / "calibration" / "api.py"), str(root / "kernels" / "reference.py")]

@@ -38,6 +38,7 @@ def test_offload_checkpoint_equals_in_memory_one(arch, method, extra, tiny_dir, 
 PEAK_BOUND_MIB = 3072
 
 
+@pytest.mark.integration
 def test_offload_peak_memory_does_not_grow_with_depth_on_a_2b_config(tmp_path):
     from vllm_qe.testing.scale_models import calibrate_in_subprocess, write_random_model
 
