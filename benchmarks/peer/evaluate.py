@@ -188,6 +188,8 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--num-eval", type=int, default=48, help="chats to write when EVAL_CHATS does not exist")
+    p.add_argument("--calib-chats", default=None, help="compare the FP logits on its first chat with those an "
+                   "llm-compressor run computed in its own venv (peer_fp_logits_chat0.safetensors)")
     a = p.parse_args()
     from transformers import AutoModelForImageTextToText
 
@@ -202,7 +204,12 @@ def main() -> int:
         kind, weights, bpw, args = read_checkpoint(ck)
         model = substituted_model(fixture, weights)
         lp_q = log_probs(model, chats)
-        check = None
+        check = fp_check = None
+        if kind == "compressed-tensors" and a.calib_chats and (ck / "peer_fp_logits_chat0.safetensors").is_file():
+            theirs = load_file(str(ck / "peer_fp_logits_chat0.safetensors"))["logits"]
+            with torch.no_grad():
+                ours = fp_model(**load_chats(Path(a.calib_chats))[0]).logits[0].float()
+            fp_check = float((theirs - ours).abs().max())
         if kind == "vllm-qe":  # our substitution == the project's own fake-quant loader (what vLLM serves)
             from vllm_qe.calibration.fakequant import load_fake_quant_model
 
@@ -215,7 +222,7 @@ def main() -> int:
             "kind": kind, "args": args, "modules": sorted(weights), **per_chat(lp_fp, lp_q),
             "bpw": sum(v[0] for v in bpw.values()) / n_weights, "n_weights": n_weights,
             "bpw_16bit_floats": sum(v[1] for v in bpw.values()) / n_weights,
-            "fakequant_max_abs_logprob_diff": check,
+            "fakequant_max_abs_logprob_diff": check, "fp_logits_other_venv_max_abs_diff": fp_check,
         }
         r = results[str(ck)]
         print(f"{ck.name}: KL {sum(r['kl_sum']) / sum(r['positions']):.5f}  top-1 "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def load_chats(path: str) -> list[dict[str, torch.Tensor]]:
@@ -83,6 +84,8 @@ def main() -> int:
     if bad:
         raise SystemExit(f"{a.model_dir}: transformers {transformers.__version__} does not load it cleanly: {bad}")
     model.eval()
+    with torch.no_grad():  # the FP model as this venv's transformers computes it (checked against the project's)
+        fp_logits0 = model(**chats[0]).logits[0].float().contiguous()
     layer_cls = type(model.model.language_model.layers[0]).__name__
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=a.wbits, type="int", symmetric=a.symmetric, strategy="group", group_size=a.group_size))
@@ -111,6 +114,7 @@ def main() -> int:
         "samples": {"n": len(chats), "indices_fed": seen, "sha256": digest([chats[i] for i in seen])},
     }
     (Path(a.out) / "peer_run.json").write_text(json.dumps(report, indent=1))
+    save_file({"logits": fp_logits0}, str(Path(a.out) / "peer_fp_logits_chat0.safetensors"))
     print(json.dumps(report["seconds"]))
     return 0
 

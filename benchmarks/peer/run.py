@@ -130,7 +130,7 @@ def canonical(name: str) -> str:
 
 # -- 3./4. calibration --------------------------------------------------------------------------------------------
 def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ignore: list[str], calib: Path,
-                num_samples: int, logs: Path) -> dict:
+                num_samples: int, logs: Path, reuse: bool = False) -> dict:
     bits, gs, sym, _ = SETTINGS[setting]
     cli = [str(fixture), "--out", str(out), "--method", "gptq", "--wbits", str(bits), "--group-size", str(gs),
            "--method-params", params, "--calib", "builtin:vqa", "--num-samples", str(num_samples), "--seed", "0",
@@ -138,12 +138,20 @@ def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ig
     for pat in ignore:
         cli += ["--ignore", pat]
     report = out.with_name(out.name + ".peer.json")
+    if reuse and report.is_file() and (out / "vllm_qe_report.json").is_file():
+        r = json.loads(report.read_text())
+        if r["cli_args"] == cli and r["identity"].get("verified"):
+            proj = json.loads((out / "vllm_qe_report.json").read_text())
+            return {"process_seconds": r.get("process_seconds"), "span_seconds": proj["seconds"],
+                    "identity": r["identity"], "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": True}
     wall = sh([py, str(HERE / "project_calibrate.py"), "--chats", str(calib), "--report", str(report), "--", *cli],
               logs / f"vllm-qe-{setting}.log")
     r = json.loads(report.read_text())
+    r["process_seconds"] = round(wall, 2)
+    report.write_text(json.dumps(r, indent=1))
     proj = json.loads((out / "vllm_qe_report.json").read_text())
     return {"process_seconds": round(wall, 2), "span_seconds": proj["seconds"], "identity": r["identity"],
-            "cli": "vllm-qe calibrate " + shlex.join(cli)}
+            "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": False}
 
 
 def run_llmc(venv: Path, fixture: Path, out: Path, setting: str, ignore: list[str], calib: Path, calib_sha: str,
@@ -197,7 +205,14 @@ def bootstrap(a: dict, b: dict | None, n_boot: int = 2000, seed: int = 0) -> dic
     return out
 
 
-def fmt_ci(ci: tuple[float, float], digits: int = 4) -> str:
+def fmt_kl(x: float) -> str:
+    """4 decimals, or 3 significant digits below 0.001."""
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.3g}"
+
+
+def fmt_ci(ci: tuple[float, float], digits: int | None = None) -> str:
+    if digits is None:
+        return f"[{fmt_kl(ci[0])}, {fmt_kl(ci[1])}]"
     return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
@@ -236,8 +251,8 @@ def write_doc(path: Path, command: str, rows: list[dict], fixtures: dict, versio
     for r in rows:
         p, q = r["vllm_qe"], r["llmc"]
         lines.append(
-            f"| {r['fixture']} | {SETTINGS[r['setting']][3]} | {r['n_layers']} | {p['kl']:.4f} ({100 * p['top1']:.1f} %) "
-            f"{fmt_ci(p['kl_ci'])} | {q['kl']:.4f} ({100 * q['top1']:.1f} %) {fmt_ci(q['kl_ci'])} | "
+            f"| {r['fixture']} | {SETTINGS[r['setting']][3]} | {r['n_layers']} | {fmt_kl(p['kl'])} ({100 * p['top1']:.1f} %) "
+            f"{fmt_ci(p['kl_ci'])} | {fmt_kl(q['kl'])} ({100 * q['top1']:.1f} %) {fmt_ci(q['kl_ci'])} | "
             f"**{p['ratio']:.2f}** {fmt_ci(p['ratio_ci'], 2)} | {r['bpw_vllm_qe']:.3f} / {r['bpw_llmc']:.3f} "
             f"({r['bpw16_llmc']:.3f}) | "
             f"{r['t_vllm_qe']:.1f} / {r['t_llmc']:.1f} ({r['t_vllm_qe'] / r['t_llmc']:.2f}x) |")
@@ -255,7 +270,8 @@ def write_doc(path: Path, command: str, rows: list[dict], fixtures: dict, versio
         "written checkpoint (vllm-qe: `seconds` in `vllm_qe_report.json`, which also includes building the",
         "calibration chats from images; llm-compressor: model load + `oneshot` + `save_pretrained`, timed in",
         "llmc_quantize.py); process wall times (imports included) are in `runs/peer/<fixture>/results.json`.",
-        "Timings are from a 2-core machine shared with other jobs: read them as rough ratios.",
+        f"Both tools ran with OMP_NUM_THREADS={versions['threads']} (run.py sets it for both). Timings are from a",
+        "2-core machine shared with other jobs: read them as rough ratios.",
         "",
         "## Fixtures",
         "",
@@ -312,6 +328,9 @@ def main() -> int:
     p.add_argument("--project-python", default=str(REPO / ".venv" / "bin" / "python"))
     p.add_argument("--doc", default=str(REPO / "docs" / "peer-comparison.md"))
     p.add_argument("--rerun-llmc", action="store_true", help="recompute the cached llm-compressor checkpoints")
+    p.add_argument("--reuse-vllm-qe", action="store_true",
+                   help="reuse a vllm-qe checkpoint made by an earlier run with the same CLI arguments (default: "
+                        "recalibrate, since the project's code is what changes between runs)")
     a = p.parse_args()
     json.loads(a.vllm_qe_params)
     fixtures = [f for f in a.fixtures.split(",") if f]
@@ -323,13 +342,14 @@ def main() -> int:
     work = Path(a.work).resolve()
     logs = work / "logs"
     py = a.project_python
-    env_threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env_threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     os.environ.update(env_threads)
 
     llmc_v = ensure_llmc_venv(Path(a.llmc_venv), logs)
     pv = subprocess.run([py, "-c", "import json, torch, transformers; print(json.dumps({'torch': torch.__version__,"
                          " 'transformers': transformers.__version__}))"], capture_output=True, text=True, check=True)
-    versions = {"llmc": llmc_v, "project": json.loads(pv.stdout), "project_git": git_state()}
+    versions = {"llmc": llmc_v, "project": json.loads(pv.stdout), "project_git": git_state(),
+                "threads": env_threads["OMP_NUM_THREADS"]}
     rows, fixture_info = [], {}
     for fx in fixtures:
         fdir = work / "fixtures" / fx
@@ -337,12 +357,13 @@ def main() -> int:
         sh([py, str(HERE / "fixtures.py"), fx, str(fdir)], logs / f"fixture-{fx}.log")
         meta = json.loads((fdir / "fixture.json").read_text())
         spec, tl = meta["spec"], meta["train_log"]
+        trained = (f"trained {spec['steps']} AdamW steps (batch {spec['batch']}, lr {spec['lr']}) on next-token "
+                   "loss over the text of generated VQA chats (train split, disjoint from calibration and "
+                   f"evaluation; loss {tl[0]['loss']} -> {tl[-1]['loss']}). Trained because random-init logits "
+                   "are nearly uniform and give tiny, noise-dominated KL." if tl else "not trained (smoke test).")
         fixture_info[fx] = {"desc": (
             f"`vllm-qe tiny-model {spec['arch']} --seed {spec['seed']}` resized to language-model widths "
-            f"{json.dumps(spec['text'])}, re-initialised N(0, 0.02) and trained {spec['steps']} AdamW steps "
-            f"(batch {spec['batch']}, lr {spec['lr']}) on next-token loss over the text of generated VQA chats "
-            f"(train split, disjoint from calibration and evaluation; loss {tl[0]['loss']} -> {tl[-1]['loss']}). "
-            "Trained because random-init logits are nearly uniform and give tiny, noise-dominated KL.")}
+            f"{json.dumps(spec['text'])}, re-initialised N(0, 0.02), {trained}")}
         fwork = work / fx
         calib = fwork / f"calib-builtin-vqa-n{a.num_calib}-seed0.safetensors"
         eval_chats = fwork / f"eval-test-seed7-n{a.num_eval}.safetensors"
@@ -353,7 +374,8 @@ def main() -> int:
             tag = hashlib.sha256(a.vllm_qe_params.encode()).hexdigest()[:8]
             qdir = fwork / "vllm-qe" / f"{st}-{tag}"
             log(f"{fx} {st}: vllm-qe GPTQ ({len(expected)} layers)")
-            vq = run_vllm_qe(py, fdir, qdir, st, a.vllm_qe_params, ignore, calib, a.num_calib, logs / fx)
+            vq = run_vllm_qe(py, fdir, qdir, st, a.vllm_qe_params, ignore, calib, a.num_calib, logs / fx,
+                             a.reuse_vllm_qe)
             from_dump = vq["identity"].get("sha256_reference")
             if not from_dump:
                 raise RuntimeError(f"{fx} {st}: vllm-qe's calibration chats were not captured: "
@@ -368,7 +390,7 @@ def main() -> int:
         eval_json = fwork / "eval.json"
         eval_json.unlink(missing_ok=True)
         sh([py, str(HERE / "evaluate.py"), str(fdir), str(eval_chats), str(eval_json), "--num-eval",
-            str(a.num_eval)] + [str(c) for c in ckpts], logs / fx / "evaluate.log")
+            str(a.num_eval), "--calib-chats", str(calib)] + [str(c) for c in ckpts], logs / fx / "evaluate.log")
         ev = json.loads(eval_json.read_text())
         for st in settings:
             ps = per_setting[st]
@@ -389,8 +411,13 @@ def main() -> int:
             if e_q.get("fakequant_max_abs_logprob_diff") is not None:
                 checks.append(f"substituted vs project fake-quant loader: max |Δ log p| "
                               f"{e_q['fakequant_max_abs_logprob_diff']:.1e}")
+            if e_l.get("fp_logits_other_venv_max_abs_diff") is not None:
+                checks.append(f"FP logits, llm-compressor venv vs project venv: max |Δ| "
+                              f"{e_l['fp_logits_other_venv_max_abs_diff']:.1e}")
             if ps["llmc"].get("cached"):
-                checks.append("llm-compressor checkpoint and timing reused from the cache")
+                checks.append("llm-compressor checkpoint and timing reused from an earlier run")
+            if ps["vllm_qe"].get("cached"):
+                checks.append("vllm-qe checkpoint and timing reused from an earlier run (--reuse-vllm-qe)")
             bq = bootstrap(e_q, e_l)
             bl = bootstrap(e_l, None)
             rows.append({"fixture": fx, "setting": st, "n_layers": len(mods_q), "vllm_qe": bq, "llmc": bl,
