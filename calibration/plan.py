@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,6 +147,35 @@ def _summarise(unit_name: str, modules: list[str], scheme_of: Callable[[str], Mo
     return "; ".join(parts)
 
 
+def _adapter_overrides(model: torch.nn.Module, plan: CalibrationPlan) -> dict[str, dict[str, Any]]:
+    """Per-group adapter ranks where the algorithm's depend on the layer shape (QE under a bits-per-weight budget).
+
+    A group is the dense linear layers of one parent module with the same input size (q/k/v/o, gate/up: what
+    vLLM fuses must share one scheme); its ranks come from `algorithm.adapters_for(in, [out, ...])`. Overrides are
+    written per layer kind (`re:` with the block index as `\\d+`) and per module only where blocks of one kind
+    differ."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for n in sorted(plan.in_chains):
+        if parse_expert_name(plan.disk[n]) is None and plan.scheme_of(n) is not None:
+            groups.setdefault((n.rpartition(".")[0], model.get_submodule(n).weight.shape[1]), []).append(n)
+    by_key: dict[str, list[tuple[list[str], dict[str, int]]]] = {}
+    for (_, in_f), members in groups.items():
+        ranks = plan.algorithm.adapters_for(in_f, [model.get_submodule(n).weight.shape[0] for n in members])
+        if ranks == plan.qconfig.adapters:
+            continue
+        disk_parent = plan.disk[members[0]].rpartition(".")[0]
+        leaves = "|".join(sorted(re.escape(plan.disk[n].rpartition(".")[2]) for n in members))
+        key = "re:" + re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(disk_parent)) + rf"\.({leaves})"
+        by_key.setdefault(key, []).append(([plan.disk[n] for n in members], asdict(ranks)))
+    out: dict[str, dict[str, Any]] = {}
+    for key, entries in by_key.items():
+        if all(r == entries[0][1] for _, r in entries):
+            out[key] = {"adapters": entries[0][1]}
+        else:
+            out.update({name: {"adapters": r} for names, r in entries for name in names})
+    return out
+
+
 def build_plan(model: torch.nn.Module, config: CalibrationConfig, algorithm: Algorithm, tensor_names: set[str],
                locate: Locate | None = None, model_dir: str | Path = "") -> CalibrationPlan:
     """The plan for `model` (loaded, or a `meta` skeleton) whose folder holds `tensor_names`. `locate`: the
@@ -180,6 +210,8 @@ def build_plan(model: torch.nn.Module, config: CalibrationConfig, algorithm: Alg
         if tensor not in tensor_names:
             raise ValueError(f"{model_dir}: module {n} maps to {tensor}, which is not in the safetensors")
     plan = CalibrationPlan(config, algorithm, qcfg, chains, disk, in_chains, all_linears, experts_disk)
+    qcfg.overrides.update(_adapter_overrides(model, plan))
+    qcfg.validate()
     if not algorithm.supports_moe:
         moe = [n for n in sorted(in_chains) if parse_expert_name(n) and plan.scheme_of(n) is not None]
         if moe:

@@ -31,6 +31,41 @@ def test_known_ranks() -> None:
     assert ranks_for_budget(128, 128, 0.25, num_routed=8) == AdapterScheme(shared_rank=1)
 
 
+def test_a_fused_group_is_budgeted_with_every_members_adapters() -> None:
+    # q/k/v/o of 128 wide with 32-wide k/v: one rank costs 4*128 + (128+32+32+128) = 832 values
+    outs = [128, 32, 32, 128]
+    s = ranks_for_budget(128, outs, 0.5)
+    assert s.shared_rank == int(0.5 * 128 * 320 // 16) // 832
+    assert adapter_bpw(128, outs, s) <= 0.5 < adapter_bpw(128, outs, AdapterScheme(s.shared_rank + 1))
+
+
 def test_bad_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="budget_bpw"):
         ranks_for_budget(64, 64, -0.1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arch) -> None:
+    """The plan of a budgeted QE run: members of a group (same parent, same input) share one adapter scheme,
+    and every group's adapters fit the budget."""
+    import torch
+
+    from vllm_qe.calibration.api import CalibrationConfig, plan_calibration
+
+    budget = 0.5
+    plan = plan_calibration(tiny_dir(arch), CalibrationConfig(method="qe", method_params={
+        "adapter_bpw": budget, "num_routed": 2}))
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(tiny_dir(arch))))
+    groups: dict[tuple[str, int], list[str]] = {}
+    for n in plan.in_chains:
+        if plan.scheme_of(n) is not None and ".experts." not in n:
+            groups.setdefault((n.rpartition(".")[0], model.get_submodule(n).weight.shape[1]), []).append(n)
+    assert groups
+    for (_, in_f), members in groups.items():
+        schemes = {plan.scheme_of(n).adapters for n in members}
+        assert len(schemes) == 1, members
+        outs = [model.get_submodule(n).weight.shape[0] for n in members]
+        assert adapter_bpw(in_f, outs, schemes.pop()) <= budget

@@ -81,6 +81,11 @@ class Algorithm:
         """The low-rank adapters of the linear layers this algorithm writes (none by default)."""
         return AdapterScheme()
 
+    def adapters_for(self, in_features: int, out_features: list[int]) -> AdapterScheme:
+        """The adapters of a group of layers reading one input of `in_features` with `out_features` outputs each
+        (layers vLLM fuses into one GEMM must share them); default: `adapters` whatever the shape."""
+        return self.adapters
+
     @property
     def expert_adapters(self) -> AdapterScheme:
         """The adapters of MoE expert modules (format v1: shared ones only; default: those of linear layers)."""

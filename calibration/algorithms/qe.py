@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
+from vllm_qe.calibration.algorithms.budget import ranks_for_budget
 from vllm_qe.calibration.algorithms.compose import BASES, Recipe, smoothing_scales
 from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
@@ -40,6 +41,8 @@ class QEParams:
     refine_lr: float = 1e-4
     refine_seconds: float = 30.0  # wall-clock bound per layer
     seed: int = 0
+    adapter_bpw: float = -1.0  # >= 0: ranks from this budget in bits per weight per layer group (budget.py)
+    routed_share: float = 0.5  # with adapter_bpw: the budget's share spent on routed experts (+ router)
     guard_adapters: bool = False  # keep an adapter only where it lowers the layer's calibration loss
     expert_rank: int = 8  # MoE experts: one shared low-rank expert of this rank per expert projection [I]
     gamma: float = 1.0  # only read by the calibration API when no gradient pass gives γ
@@ -298,6 +301,14 @@ class QuantExperts(Algorithm):
     @property
     def adapters(self) -> AdapterScheme:
         return AdapterScheme(self.p.shared_rank, self.p.num_routed, self.p.routed_rank if self.p.num_routed else 0)
+
+    def adapters_for(self, in_features: int, out_features: list[int]) -> AdapterScheme:
+        """With `adapter_bpw >= 0` the largest ranks within that budget on this layer group (`budget.py`);
+        otherwise the explicit ranks."""
+        if self.p.adapter_bpw < 0:
+            return self.adapters
+        return ranks_for_budget(in_features, out_features, self.p.adapter_bpw, num_routed=self.p.num_routed,
+                                routed_share=self.p.routed_share)
 
     @property
     def expert_adapters(self) -> AdapterScheme:
