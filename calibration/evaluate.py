@@ -9,52 +9,103 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from vllm_qe.calibration.bootstrap import bootstrap_interval
 from vllm_qe.calibration.data import build_inputs
 from vllm_qe.calibration.fakequant import FakeQuantLinear, load_fake_quant_model
-from vllm_qe.testing.vqa import generate
+from vllm_qe.testing.batching import FastEncoder, collate
+from vllm_qe.testing.vqa import model_task, task_module
 
 EVAL_SEED = 7
 
 
 @dataclass
 class EvalResult:
-    accuracy: float  # exact-match VQA accuracy (greedy answer + end of turn)
+    accuracy: float  # exact-match VQA accuracy of the quantized model (greedy answer + end of turn)
     kl: float  # mean KL(P_fp || P_q) per answer-position token, nats
     top1: float  # top-1 agreement with the full-precision model at the same positions
+    fp_accuracy: float = 0.0  # the full-precision model on the same questions
+    # 95 % bootstrap intervals over questions: accuracy, fp_accuracy, accuracy_delta (paired: q - fp), kl, top1
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     accuracy_by_kind: dict[str, float] = field(default_factory=dict)
     layer_snr_db: dict[str, float] = field(default_factory=dict)  # per quantized linear, given FP inputs
     n: int = 0
+    task: str = "basic"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def ci(self, key: str, digits: int = 3) -> str:
+        """`[low, high]` of `intervals[key]` (empty if absent)."""
+        if key not in self.intervals:
+            return ""
+        lo, hi = self.intervals[key]
+        return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
-def _answer_positions(processor, sample) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    full = build_inputs(processor, sample.image, sample.question, sample.answer)
-    n_prompt = build_inputs(processor, sample.image, sample.question)["input_ids"].shape[1]
-    ids = full["input_ids"][0]
-    # Positions whose next token is an answer token or the end-of-turn token right after it.
-    pos = torch.arange(n_prompt - 1, ids.shape[0] - 1)
-    targets = ids[pos + 1]
-    return full, pos, targets
+
+@dataclass
+class QuestionScores:
+    """Per-question figures (all [n]): what the bootstrap resamples."""
+
+    q_correct: torch.Tensor
+    fp_correct: torch.Tensor
+    kl_sum: torch.Tensor  # nats, summed over the question's answer positions
+    agree: torch.Tensor  # answer positions where the top-1 tokens agree
+    positions: torch.Tensor
+    kinds: list[str]
 
 
 @torch.no_grad()
-def evaluate(fp_model, q_model, processor, n: int = 200, seed: int = EVAL_SEED, snr_samples: int = 8) -> EvalResult:
-    samples = generate(n, seed, "test")
-    kl_sum, agree, count = 0.0, 0, 0
-    hits: dict[str, list[int]] = {}
-    for s in samples:
-        inputs, pos, tgt = _answer_positions(processor, s)
-        lp_fp = torch.log_softmax(fp_model(**inputs).logits[0, pos].double(), -1)
-        lp_q = torch.log_softmax(q_model(**inputs).logits[0, pos].double(), -1)
-        kl_sum += float((lp_fp.exp() * (lp_fp - lp_q)).sum())
-        agree += int((lp_fp.argmax(-1) == lp_q.argmax(-1)).sum())
-        count += len(pos)
-        hits.setdefault(s.kind, []).append(int(bool((lp_q.argmax(-1) == tgt).all())))
-    allh = [h for v in hits.values() for h in v]
-    res = EvalResult(accuracy=sum(allh) / len(allh), kl=kl_sum / count, top1=agree / count,
-                     accuracy_by_kind={k: sum(v) / len(v) for k, v in sorted(hits.items())}, n=n)
+def score_questions(fp_model, q_model, processor, samples, batch_size: int = 32) -> QuestionScores:
+    """Both models on every sample, in right-padded batches (padding after the answer changes no logit of it)."""
+    enc = FastEncoder(processor)
+    pad_id = processor.tokenizer.pad_token_id
+    q_ok, fp_ok, kls, agrees, npos = [], [], [], [], []
+    for b in range(0, len(samples), batch_size):
+        chunk = samples[b:b + batch_size]
+        full = [enc(s.image, s.question, s.answer) for s in chunk]
+        n_prompt = [enc(s.image, s.question)["input_ids"].shape[1] for s in chunk]
+        batch = collate(full, pad_id)
+        fp_logits = fp_model(**batch).logits
+        q_logits = fp_logits if q_model is fp_model else q_model(**batch).logits
+        for i, f in enumerate(full):
+            pos = torch.arange(n_prompt[i] - 1, f["input_ids"].shape[1] - 1)
+            tgt = f["input_ids"][0, pos + 1]
+            lp_fp = torch.log_softmax(fp_logits[i, pos].double(), -1)
+            lp_q = torch.log_softmax(q_logits[i, pos].double(), -1)
+            kls.append(float((lp_fp.exp() * (lp_fp - lp_q)).sum()))
+            agrees.append(int((lp_fp.argmax(-1) == lp_q.argmax(-1)).sum()))
+            npos.append(len(pos))
+            q_ok.append(int(bool((lp_q.argmax(-1) == tgt).all())))
+            fp_ok.append(int(bool((lp_fp.argmax(-1) == tgt).all())))
+    t = torch.tensor
+    return QuestionScores(t(q_ok, dtype=torch.float64), t(fp_ok, dtype=torch.float64), t(kls, dtype=torch.float64),
+                          t(agrees, dtype=torch.float64), t(npos, dtype=torch.float64), [s.kind for s in samples])
+
+
+def summarize(sc: QuestionScores, resamples: int = 2000) -> EvalResult:
+    """Point estimates and 95 % bootstrap intervals (questions resampled; the FP difference paired)."""
+    n = len(sc.kinds)
+    kinds = sorted(set(sc.kinds))
+    by_kind = {k: float(sc.q_correct[[i for i in range(n) if sc.kinds[i] == k]].mean()) for k in kinds}
+    ci = {
+        "accuracy": bootstrap_interval(sc.q_correct, resamples=resamples),
+        "fp_accuracy": bootstrap_interval(sc.fp_correct, resamples=resamples),
+        "accuracy_delta": bootstrap_interval(sc.q_correct - sc.fp_correct, resamples=resamples),
+        "kl": bootstrap_interval(sc.kl_sum, sc.positions, resamples=resamples),
+        "top1": bootstrap_interval(sc.agree, sc.positions, resamples=resamples),
+    }
+    return EvalResult(accuracy=float(sc.q_correct.mean()), kl=float(sc.kl_sum.sum() / sc.positions.sum()),
+                      top1=float(sc.agree.sum() / sc.positions.sum()), fp_accuracy=float(sc.fp_correct.mean()),
+                      intervals=ci, accuracy_by_kind=by_kind, n=n)
+
+
+def evaluate(fp_model, q_model, processor, n: int = 200, seed: int = EVAL_SEED, snr_samples: int = 8,
+             task: str = "basic", batch_size: int = 32) -> EvalResult:
+    """`n` held-out questions of `task`'s test split: accuracy (quantized and FP), KL, top-1, all with 95 %
+    bootstrap intervals, and per-layer SNR on the first `snr_samples`."""
+    samples = task_module(task).generate(n, seed, "test")
+    res = summarize(score_questions(fp_model, q_model, processor, samples, batch_size))
+    res.task = task
     res.layer_snr_db = layer_snr(fp_model, q_model, processor, samples[:snr_samples])
     return res
 
@@ -85,7 +136,10 @@ def layer_snr(fp_model, q_model, processor, samples) -> dict[str, float]:
     return {k: 10 * math.log10(sig[k] / max(noise[k], 1e-30)) for k in sig}
 
 
-def evaluate_dirs(fp_dir, q_dir, n: int = 200, seed: int = EVAL_SEED) -> EvalResult:
+def evaluate_dirs(fp_dir, q_dir, n: int = 200, seed: int = EVAL_SEED, task: str | None = None,
+                  batch_size: int = 32) -> EvalResult:
+    """Evaluate checkpoint `q_dir` (None: the FP model itself) against `fp_dir` on `task` (default: the task
+    `fp_dir` was trained on, from its training_log.json)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(fp_dir))
@@ -94,4 +148,4 @@ def evaluate_dirs(fp_dir, q_dir, n: int = 200, seed: int = EVAL_SEED) -> EvalRes
 
     same = q_dir is None or Path(q_dir).resolve() == Path(fp_dir).resolve()
     q = fp if same else load_fake_quant_model(q_dir)
-    return evaluate(fp, q, processor, n=n, seed=seed)
+    return evaluate(fp, q, processor, n=n, seed=seed, task=task or model_task(fp_dir), batch_size=batch_size)
