@@ -35,15 +35,15 @@ def calibrate_blocks(model: torch.nn.Module, chains: list[Chain], samples: list[
     run that finds saved progress resumes after the last finished block. Returns `block.results`."""
     if weights is not None and weights.offloaded and store is None:
         raise ValueError("weight streaming keeps calibrated blocks on disk: it needs a ResumeStore")
-    progress_ = store.load() if store is not None else None
-    if progress_ is not None:
+    saved = store.load() if store is not None else None
+    if saved is not None:
         if weights is None or not weights.offloaded:  # (offloaded: blocks are loaded on demand instead)
-            for unit_name, unit_file in progress_.file_of_unit.items():
+            for unit_name, unit_file in saved.file_of_unit.items():
                 qs = store.read_unit(unit_file)
                 block.results.update(qs)
                 block.install(unit_name, model.get_submodule(unit_name),
                               {full[len(unit_name) + 1:]: q for full, q in qs.items()})
-        block.report.layers.update(progress_.layer_errors)
+        block.report.layers.update(saved.layer_errors)
 
     def step(name: str, unit: torch.nn.Module, replay: Replay, *, next_unit: int,
              last_in_chain: bool):
@@ -59,7 +59,7 @@ def calibrate_blocks(model: torch.nn.Module, chains: list[Chain], samples: list[
 
     loop = LayerLoop(model, max_activation_mib=max_activation_mib, spill_dir=spill_dir, progress=progress)
     loop.run(chains, samples, lambda c, s: vision_mask(c, s, image_token), step,
-             start=progress_.next_unit if progress_ else 0, start_hidden=progress_.hidden if progress_ else None)
+             start=saved.next_unit if saved else 0, start_hidden=saved.hidden if saved else None)
     return block.results
 
 
