@@ -38,6 +38,15 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _stateless(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block's keyword arguments without state a replay would mutate or read stale: KV caches (a decoder layer
+    handed the model's `DynamicCache` appends its keys on every call and attends to the ones left by earlier
+    calls — inputs from another pass) and the flags that ask for them."""
+    from transformers.cache_utils import Cache
+
+    return {k: (None if isinstance(v, Cache) else False if k == "use_cache" else v) for k, v in kwargs.items()}
+
+
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -96,6 +105,7 @@ class LayerLoop:
         for i, (_, unit) in enumerate(chain.units):
             def pre(mod, args, kwargs, i=i):
                 args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+                kwargs = _stateless(kwargs)
                 hidden = _hidden_of(args, kwargs)
                 if i == 0:
                     first.append(hidden.detach())
@@ -119,7 +129,7 @@ class LayerLoop:
         try:
             for s in samples:
                 with contextlib.suppress(_StopForward):
-                    self.model(**s)
+                    self.model(**s, use_cache=False)  # no KV cache: a replay must not attend to stale keys
                 last_out.clear()
         finally:
             for h in hooks:
