@@ -49,3 +49,23 @@ def quantized_layer_bytes(model: torch.nn.Module) -> dict:
             ref += bf16_bytes(m)
             kernels[method.kernel if isinstance(method.kernel, str) else method.kernel.name] += 1
     return {"quantized": total, "bf16": ref, "layers": sum(kernels.values()), "kernels": dict(kernels)}
+
+
+def weight_report(model: torch.nn.Module) -> dict:
+    """For benchmarks (`LLM.apply_model`, in the worker): bytes of every linear layer by name, of the plugin's
+    quantized layers by name (with their bf16 size), the whole model's parameters and buffers, the
+    quantized-layer summary, and the worker's peak RSS (KiB)."""
+    import resource
+
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_qe.runtime.linear import QELinearMethod
+
+    linear = {n: module_bytes(m) for n, m in model.named_modules() if isinstance(m, LinearBase)}
+    quant = {n: (module_bytes(m), bf16_bytes(m)) for n, m in model.named_modules()
+             if isinstance(getattr(m, "quant_method", None), QELinearMethod)}
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return {"linear": linear, "quantized": quant, "summary": quantized_layer_bytes(model),
+            "model_bytes": sum(seen.values()), "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
