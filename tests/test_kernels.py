@@ -254,6 +254,7 @@ def test_bench_script_smoke(capsys):
         os.environ.pop("VLLM_QE_FORCE_TRITON")
     out = capsys.readouterr().out
     assert out.count("| smoke | tiny | 64x256 |") == 2
+    assert "vLLM kernels (name, or why a column is n/a):" in out
 
 
 def _expert_weights(e, n, k, bits, gs, seed):

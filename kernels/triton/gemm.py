@@ -14,9 +14,10 @@
   float epilogue per tile (group scale) and per token (activation scale). Exact integer math up to float32
   rounding of the epilogue (`int8_reference.qe_gemm_int8_reference` is the bit-level twin).
 
-Decode (small M): split-K over K tiles (`SPLIT_K` programs per output tile, float32 atomic adds into a zeroed
-output) so that M=1 launches enough programs to cover every SM; `swap_ab` computes `yᵀ = W·xᵀ` so the MMA's
-M dimension is N (Hopper wgmma needs M >= 64 per warpgroup; a 16-token tile cannot use it).
+Small M: split-K over K tiles (`split_k` programs per output tile, float32 atomic adds into a zeroed output)
+whenever the output tiles alone leave SMs idle (M=1, N=4096: 64 tiles on 132 SMs). Decode tiles compute
+`yᵀ = W·xᵀ` (`swap_ab`) so that the MMA's M dimension is N: Hopper's wgmma needs M >= 64 per warpgroup, which a
+16-token tile cannot give.
 Group sizes that a K tile cannot align with (e.g. 16 for 3-bit, or not a multiple of 16) use a per-element
 scale path (A16 only). Accumulation is float32 (int32 on the int8 path).
 """
@@ -63,8 +64,15 @@ TILES_INT8: tuple[tuple[int, GemmTile], ...] = (
     (256, GemmTile(64, 128, 64, 8, 3)),
     (1 << 62, GemmTile(128, 128, 64, 8, 3)),
 )
+# 3-bit unpacking holds three word tiles: these two tiles spill at 128 registers (8 warps) with 3-bit weights
+# (static report), so 3-bit layers use these instead.
+TILES_3BIT_OVERRIDE: dict[tuple[int, bool], GemmTile] = {
+    (64, False): GemmTile(32, 128, 64, 4, 3),
+    (256, True): GemmTile(64, 64, 64, 4, 3),
+}
 DEFAULT_NUM_SMS = 132  # H100 SXM; the real count is read from the device when there is one
 MAX_SPLIT_K = 32
+SPLIT_K_MAX_M = 256  # the BLOCK_M <= 64 tiles; the 128-row prefill tile never splits
 
 
 def num_sms(device: torch.device) -> int:
@@ -91,20 +99,32 @@ def k_block(tile_bk: int, bits: int, group_size: int, K: int) -> tuple[int, bool
     return max(min_bk, min(tile_bk, 32)), False
 
 
-def select_tile(M: int, int8: bool) -> GemmTile:
-    for max_m, tile in (TILES_INT8 if int8 else TILES_A16):
+def tile_table(int8: bool, bits: int) -> tuple[tuple[int, GemmTile], ...]:
+    """(largest M, tile) rows the runtime picks from for this path and weight width."""
+    table = TILES_INT8 if int8 else TILES_A16
+    if bits == 3:
+        table = tuple((m, TILES_3BIT_OVERRIDE.get((m, int8), t)) for m, t in table)
+    return table
+
+
+def select_tile(M: int, int8: bool, bits: int = 4) -> GemmTile:
+    for max_m, tile in tile_table(int8, bits):
         if max_m >= M:
             return tile
     raise AssertionError("unreachable")
 
 
 def split_k_for(M: int, N: int, K: int, tile: GemmTile, block_k: int, sms: int) -> int:
-    """Split-K factor for small M: enough programs for two per SM, each split a whole number of K tiles."""
-    if M > 16:
+    """Split-K factor when the output tiles alone leave SMs idle (M <= SPLIT_K_MAX_M): decode aims at two
+    programs per SM, larger M at one; every split gets a whole, non-empty run of K tiles."""
+    if M > SPLIT_K_MAX_M:
         return 1
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
+    if tiles >= sms:
+        return 1
     k_tiles = triton.cdiv(K, block_k)
-    split = max(1, min(triton.cdiv(2 * sms, tiles), k_tiles, MAX_SPLIT_K))
+    target = (2 if M <= 16 else 1) * sms
+    split = max(1, min(triton.cdiv(target, tiles), k_tiles, MAX_SPLIT_K))
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
 
 
@@ -132,11 +152,11 @@ def plan(M: int, N: int, K: int, bits: int, group_size: int, act_bits: int, sms:
     """The launch the runtime makes for these shapes (also what the AOT report compiles). The int8 MMA path needs
     K tiles of >= 32 inside one group; otherwise activation quantization runs through the float dot."""
     gs = K if group_size == -1 else group_size
-    t = tile or select_tile(M, act_bits > 0)
+    t = tile or select_tile(M, act_bits > 0, bits)
     bk, per_tile = k_block(t.block_k, bits, gs, K)
     int8 = act_bits > 0 and per_tile and bk >= 32
     if act_bits > 0 and not int8 and tile is None:
-        t = select_tile(M, False)
+        t = select_tile(M, False, bits)
         bk, per_tile = k_block(t.block_k, bits, gs, K)
     sk = split_k if split_k is not None else split_k_for(M, N, K, t, bk, sms)
     return GemmLaunch(t, bk, per_tile, max(1, sk), int8)
