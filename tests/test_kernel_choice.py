@@ -21,18 +21,21 @@ def test_grid_maps_onto_vllm_scalar_types():
     assert vllm_weight_type(3, True) is None
 
 
-@pytest.mark.parametrize("capability, sym, dtype, want", [
-    (90, True, torch.bfloat16, "MacheteLinearKernel"),
-    (90, False, torch.float16, "MacheteLinearKernel"),
-    (80, True, torch.bfloat16, "MarlinLinearKernel"),
-    (80, False, torch.float16, "MarlinLinearKernel"),
+@pytest.mark.parametrize("capability, bits, sym, dtype, want", [
+    (90, 4, True, torch.bfloat16, "MacheteLinearKernel"),
+    (90, 4, False, torch.float16, "MacheteLinearKernel"),
+    (80, 4, True, torch.bfloat16, "MarlinLinearKernel"),
+    (80, 4, False, torch.float16, "MarlinLinearKernel"),
+    (90, 8, True, torch.bfloat16, "MacheteLinearKernel"),
+    (80, 8, True, torch.float16, "MarlinLinearKernel"),
 ])
-def test_cuda_w4a16_uses_vllms_machete_or_marlin(capability, sym, dtype, want):
-    kind, _ = choose_kernel_class(_spec(4, symmetric=sym, dtype=dtype), KernelTarget("cuda", capability))
-    assert kind.__name__ == "VllmMPKernel"
+def test_cuda_weight_only_uses_vllms_machete_or_marlin(capability, bits, sym, dtype, want):
     from vllm_qe.runtime.kernels import vllm_choice
 
-    chosen, _ = vllm_choice(_spec(4, symmetric=sym, dtype=dtype), KernelTarget("cuda", capability))
+    spec = _spec(bits, symmetric=sym, dtype=dtype)
+    kind, _ = choose_kernel_class(spec, KernelTarget("cuda", capability))
+    assert kind.__name__ == "VllmMPKernel"
+    chosen, _ = vllm_choice(spec, KernelTarget("cuda", capability))
     assert chosen.__name__ == want
 
 
