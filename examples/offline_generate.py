@@ -1,11 +1,14 @@
 """Offline `LLM.generate` on a vllm-qe checkpoint: a batch of image questions.
 
-    python examples/offline_generate.py CKPT_DIR
+    python examples/offline_generate.py CKPT_DIR [--dtype float32]
+
+On CPU it serves in bf16 by default (`vllm_qe.serving.engine_kwargs`: the packed int4 kernels are bf16 kernels)
+under vLLM's default compilation; `--dtype float32` is the exact-math path.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 
 def main() -> None:
@@ -14,8 +17,11 @@ def main() -> None:
     from vllm_qe.serving import engine_kwargs
     from vllm_qe.testing.vqa import make_sample
 
-    ckpt = sys.argv[1]
-    llm = LLM(**engine_kwargs(ckpt))
+    p = argparse.ArgumentParser()
+    p.add_argument("ckpt")
+    p.add_argument("--dtype", default=None, help="engine dtype (default: bf16 on CPU)")
+    a = p.parse_args()
+    llm = LLM(**engine_kwargs(a.ckpt, **({"dtype": a.dtype} if a.dtype else {})))
     samples = [make_sample(2026, i, "test") for i in range(5)]
     messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": s.image},
                                               {"type": "text", "text": s.question}]}] for s in samples]
