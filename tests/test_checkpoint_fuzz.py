@@ -46,7 +46,8 @@ CHECKPOINTS = {
     "moe": ("qwen3_vl_moe", "rtn", dict(wbits=4, abits=None)),
 }
 TENSOR_KINDS = ("delete", "rename", "shape", "dtype", "value")
-FAST_TENSORS = 24  # tensors drawn per checkpoint in the fast tier (plus one of every tensor class)
+FAST_TENSORS = 6  # tensors drawn per checkpoint in the fast tier, plus one of every tensor class
+FAST_KINDS_PER_TENSOR = 2  # rotating through TENSOR_KINDS, so every kind is drawn
 
 
 @dataclass
@@ -103,8 +104,10 @@ def _misspell(name: str) -> str:
 
 
 # -- generators --------------------------------------------------------------------------------------------------
-def tensor_corruptions(src: Path, names: list[str], kinds: tuple[str, ...], rng: random.Random) -> list[Corruption]:
-    """`kinds` of corruption for each tensor in `names` (kinds that do not apply to a tensor are skipped)."""
+def tensor_corruptions(src: Path, names: list[str], kinds: tuple[str, ...], rng: random.Random,
+                       per_tensor: int | None = None) -> list[Corruption]:
+    """`kinds` of corruption for each tensor in `names` (kinds that do not apply to a tensor are skipped); with
+    `per_tensor`, only that many kinds per tensor, rotating through `kinds`."""
     meta = ckpt.lazy_tensors(src)
     modules = set(ckpt.read_qe_config(src).quantized_modules)
     out = []
@@ -114,7 +117,9 @@ def tensor_corruptions(src: Path, names: list[str], kinds: tuple[str, ...], rng:
         in_module = _module_tensor(name, modules)
         mod = name.rpartition(".")[0]
         mentions = (name, _misspell(name)) + ((f"{mod}.", f"{mod}:") if in_module else ())
-        for kind in kinds:
+        chosen = kinds if per_tensor is None else [kinds[(names.index(name) + j) % len(kinds)]
+                                                   for j in range(per_tensor)]
+        for kind in chosen:
             if kind == "delete":
                 fn = lambda d, n=name: d.pop(n)  # noqa: E731
             elif kind == "rename":
@@ -174,8 +179,12 @@ def _leaves(node, path=()):
             yield from _leaves(node[i], (*path, i))
 
 
-def _bad_values(value) -> list:
-    """Wrong types and out-of-range values for a field holding `value`."""
+def _bad_values(value, nullable: bool = False) -> list:
+    """Wrong types and out-of-range values for a field holding `value` (`nullable`: null is a legal value)."""
+    return [v for v in _bad_values_any(value) if not (nullable and v is None)]
+
+
+def _bad_values_any(value) -> list:
     if isinstance(value, bool):
         return ["true", 1, None]
     if isinstance(value, int):
@@ -198,7 +207,8 @@ def config_corruptions(src: Path) -> list[Corruption]:
         if not path:
             continue
         where = "quantization_config." + ".".join(map(str, path))
-        variants = [("delete", None)] + [(f"= {json.dumps(v)[:40]}", v) for v in _bad_values(value)
+        nullable = path in (("activation",), ("storage",))  # null: weight-only / no record (legal values)
+        variants = [("delete", None)] + [(f"= {json.dumps(v)[:40]}", v) for v in _bad_values(value, nullable)
                                          if json.dumps(v) != json.dumps(value)]
         for label, v in variants:
             def fn(cfg, path=path, v=v, delete=label == "delete"):
@@ -371,7 +381,7 @@ def checkpoints(quantized_dir):
 def test_sampled_tensor_corruptions_are_named(key, checkpoints, tmp_path):
     src = checkpoints(key)
     rng = random.Random(f"{SEED}-{key}")
-    corruptions = tensor_corruptions(src, _sample(src, rng, FAST_TENSORS), TENSOR_KINDS, rng)
+    corruptions = tensor_corruptions(src, _sample(src, rng, FAST_TENSORS), TENSOR_KINDS, rng, FAST_KINDS_PER_TENSOR)
     results = _run(src, corruptions, tmp_path)  # each one: a named error, or a tolerated float cast
     for kind in TENSOR_KINDS:
         assert any(k.startswith(kind) and v.startswith("error") for k, v in results.items()), kind
@@ -386,7 +396,7 @@ def test_config_corruptions_are_named_or_change_nothing(key, checkpoints, tmp_pa
     assert all(k.split(" ")[0].startswith(("quantization_config.algorithm", "quantization_config.ignore",
                                             "quantization_config.overrides", "quantization_config.storage"))
                for k in tolerated), tolerated
-    assert all("delete" in k for k in tolerated if k.startswith("quantization_config.storage")), tolerated
+    assert all(k == "quantization_config.storage delete" for k in tolerated if "storage" in k), tolerated
 
 
 def test_file_corruptions_are_named(checkpoints, tmp_path):
@@ -397,16 +407,6 @@ def test_file_corruptions_are_named(checkpoints, tmp_path):
     validate_checkpoint(sharded)
     results = _run(sharded, index_corruptions(sharded), tmp_path / "idx")
     assert all(v.startswith("error") for v in results.values()), results
-
-
-def test_unequal_smoothing_of_fused_modules_is_named(checkpoints, tmp_path):
-    src = checkpoints("qe")
-    q = ckpt.read_qe_config(src)
-    k = next(m for m in q.quantized_modules if m.endswith("self_attn.k_proj"))
-    folder = _copy(src, tmp_path / "c")
-    _rewrite(folder, lambda d: d[f"{k}.smooth_scale"].mul_(1.5))
-    with pytest.raises(FormatError, match=rf"^{k}\.smooth_scale: differs from .*q_proj\.smooth_scale"):
-        validate_checkpoint(folder)
 
 
 def test_a_fused_sibling_left_unquantized_is_named(checkpoints, tmp_path):

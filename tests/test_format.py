@@ -336,3 +336,23 @@ def test_quantized_linear_tensor_roundtrip():
     back = QuantizedLinear.from_tensors(t, cfg.module_scheme("m"))
     assert torch.equal(back.qweight, q.qweight) and torch.equal(back.scale, q.scale)
     torch.testing.assert_close(back.router, q.router)
+
+
+QKV = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+
+
+def test_fused_modules_need_equal_smoothing(tmp_path):
+    """q/k/v read one input and vLLM fuses them: their smoothing vectors must be identical."""
+    model_cfg, tensors = _toy_model()
+    smooth = torch.rand(HIDDEN) + 0.5
+    for m in QKV:
+        q = _qlinear(tensors.pop(f"{m}.weight") * smooth)
+        q.smooth = smooth
+        tensors.update(q.to_tensors(m))
+    cfg = QEConfig(weight=WeightScheme(4, 32, False), smooth=True, quantized_modules=list(QKV))
+    out = ckpt.write_checkpoint(tmp_path / "ok", model_config=model_cfg, qconfig=cfg, tensors=dict(tensors))
+    assert set(ckpt.inspect_checkpoint(out).modules) == set(QKV)
+    tensors[f"{QKV[1]}.smooth_scale"] = smooth * 1.01
+    with pytest.raises(FormatError, match=rf"^{QKV[1]}\.smooth_scale: differs from {QKV[0]}\.smooth_scale"):
+        ckpt.write_checkpoint(tmp_path / "bad", model_config=model_cfg, qconfig=cfg, tensors=tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]

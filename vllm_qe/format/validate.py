@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class ModelTensors:
     optional: set[str]  # tied parameters (lm_head when tie_word_embeddings)
     to_model: Callable[[str], tuple[str, bool]]  # checkpoint name -> (in-memory name, a converter reshapes it)
     to_disk: Callable[[str], str]  # in-memory name -> checkpoint name (for messages)
+    ignorable: Callable[[str], bool] = lambda key: False  # the class ignores this unexpected in-memory name
 
 
 def model_tensors(model_config: dict[str, Any]) -> ModelTensors:
@@ -171,6 +173,10 @@ def _model_tensors(cfg_json: str) -> ModelTensors:
     dtype = getattr(torch, dtype, torch.float32) if isinstance(dtype, str) else torch.float32
     params = {k: (dtype if v.dtype.is_floating_point else v.dtype, tuple(v.shape)) for k, v in sd.items()}
     optional = set(getattr(model, "all_tied_weights_keys", None) or {})
+    # keys the model class itself declares optional on load / ignorable when present
+    may_miss = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    optional |= {k for k in params if any(p.search(k) for p in may_miss)}
+    may_extra = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     conv = get_model_conversion_mapping(model)
     renamings = [c for c in conv if isinstance(c, WeightRenaming)]
     converters = [c for c in conv if isinstance(c, WeightConverter)]
@@ -189,7 +195,8 @@ def _model_tensors(cfg_json: str) -> ModelTensors:
             return key
         return names[0] if len(names) == 1 else key
 
-    return ModelTensors(archs[0], params, optional, to_model, to_disk)
+    return ModelTensors(archs[0], params, optional, to_model, to_disk,
+                        lambda key: any(p.search(key) for p in may_extra))
 
 
 def _fmt(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
@@ -309,6 +316,8 @@ def _check_model_tensors(ck: ValidatedCheckpoint, model: ModelTensors) -> None:
         key, converted = model.to_model(name)
         t = ck.tensors[name]
         if key not in model.params:
+            if model.ignorable(key):
+                continue
             raise FormatError(f"{name}: unexpected tensor ({model.arch} has no such parameter)")
         if key in covered:
             raise FormatError(f"{name}: the model's {key} is already provided by {covered[key]}")
