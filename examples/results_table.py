@@ -1,13 +1,17 @@
 """The accuracy tables: every method x {W4A16, W3A16, W4A8, W4A6, W8A8} on the trained VQA model (dense), and
 RTN / GPTQ / VEQ / VEQ+QE x {W4A16, W3A16} on the trained MoE model (`--table moe`).
 
-    python examples/results_table.py [--model runs/vqa-qwen2vl] [--eval-samples 500] [--calib-samples 64]
+    python examples/results_table.py --task hard [--eval-samples 2000] [--calib-samples 64]   (runs/vqa-hard)
+    python examples/results_table.py [--model runs/vqa-qwen2vl] [--eval-samples 500]   (the basic task)
     python examples/results_table.py --table moe          (model runs/vqa-qwen3vlmoe)
 
-Trains the model first if it is missing (examples/train_vqa.py). Writes docs/results.json, docs/results.md,
-docs/results.png and the table between the RESULTS markers of README.md (MoE: docs/results-moe.{json,md} and the
-MOE-RESULTS markers). Calibration data: the generated VQA
-"calib" split (seed 0); evaluation: the held-out "test" split (seed 7, digit images disjoint from training).
+Trains the model first if it is missing (examples/train_vqa.py). Writes docs/results.json, docs/results.md (the
+table between its TABLE markers, the text above them kept), docs/results.png and the table between the RESULTS
+markers of README.md (MoE: docs/results-moe.{json,md} and the MOE-RESULTS markers). Calibration data: the task's
+"calib" split (seed 0; the basic task through `builtin:vqa`, the hard one written as an imagefolder); evaluation:
+the held-out "test" split (seed 7, digit images disjoint from training). Every row: stored bits per weight over
+the quantized modules (from the checkpoint's files), accuracy, its paired difference to FP, KL and top-1 agreement,
+each with a 95 % bootstrap interval over the questions (`vllm_qe.calibration.bootstrap`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,21 @@ SETTINGS: dict[str, tuple[int, int | None, int, bool]] = {
 }
 
 
+# examples/train_vqa.py --task hard's settings (the model the lead's table uses).
+HARD_TRAINING = {"steps": 1500, "batch_size": 32, "n_train": 100_000, "lr": 3e-3, "log_every": 25}
+
+
+def bits_per_weight(ckpt: Path) -> float:
+    """Stored bits per weight over the quantized modules: the checkpoint's `quantization_config.storage` record,
+    else counted from its safetensors files (`inspect_checkpoint`)."""
+    cfg = json.loads((ckpt / "config.json").read_text()).get("quantization_config", {})
+    if "bits_per_weight" in cfg.get("storage", {}):
+        return float(cfg["storage"]["bits_per_weight"])
+    from vllm_qe.format.checkpoint import inspect_checkpoint
+
+    return inspect_checkpoint(ckpt).storage.bits_per_weight()
+
+
 def adapter_cost(ckpt: Path) -> tuple[float, float]:
     """(extra bytes %, extra FLOPs per token %) of the adapters + router over the low-bit linear layers."""
     from vllm_qe.format.checkpoint import inspect_checkpoint
@@ -81,36 +100,59 @@ def adapter_cost(ckpt: Path) -> tuple[float, float]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--table", choices=["dense", "moe"], default="dense")
-    p.add_argument("--model", default=None, help="default: runs/vqa-qwen2vl (dense), runs/vqa-qwen3vlmoe (moe)")
-    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--task", choices=["basic", "hard"], default=None,
+                   help="generated VQA task (default: the one --model was trained on; basic without --model)")
+    p.add_argument("--model", default=None, help="default: runs/vqa-qwen2vl (dense), runs/vqa-hard (--task hard), "
+                                                 "runs/vqa-qwen3vlmoe (moe)")
+    p.add_argument("--eval-samples", type=int, default=None, help="default: 2000 (hard task), 500 (basic)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--settings", nargs="+", default=None)
     p.add_argument("--work", default=str(ROOT / "runs" / "results"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on an oversubscribed CPU more threads are many times slower)")
     a = p.parse_args()
     moe = a.table == "moe"
     methods = MOE_METHODS if moe else METHODS
     a.methods = a.methods or list(methods)
     a.settings = a.settings or list(MOE_SETTINGS if moe else SETTINGS)
-    a.model = a.model or str(ROOT / "runs" / ("vqa-qwen3vlmoe" if moe else "vqa-qwen2vl"))
+    default_model = "vqa-qwen3vlmoe" if moe else ("vqa-hard" if a.task == "hard" else "vqa-qwen2vl")
+    a.model = a.model or str(ROOT / "runs" / default_model)
+
+    import torch
 
     from vllm_qe.calibration.api import CalibrationConfig, calibrate
+    from vllm_qe.calibration.data import BUILTIN
     from vllm_qe.calibration.evaluate import evaluate_dirs
     from vllm_qe.testing.train_vqa import train_vqa_model
+    from vllm_qe.testing.vqa import model_task, task_module
 
+    torch.set_num_threads(a.threads)
     model = Path(a.model)
     if not (model / "config.json").exists():
         print(f"training the VQA model into {model} ...", flush=True)
-        train_vqa_model(model, arch="qwen3_vl_moe" if moe else "qwen2_vl")
+        train_vqa_model(model, arch="qwen3_vl_moe" if moe else "qwen2_vl", task=a.task or "basic",
+                        **(HARD_TRAINING if a.task == "hard" else {}))
+    task = a.task or model_task(model)
+    a.eval_samples = a.eval_samples or (2000 if task == "hard" else 500)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    calib = BUILTIN
+    if task != "basic":
+        calib = str(work / f"calib-{task}-n{a.calib_samples}")
+        if not (Path(calib) / "metadata.jsonl").is_file():
+            task_module(task).write_imagefolder(calib, a.calib_samples, seed=0, split="calib")
     out_json = ROOT / "docs" / ("results-moe.json" if moe else "results.json")
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results["meta"] = {"model": model.name, "eval_samples": a.eval_samples, "calib_samples": a.calib_samples,
+    if results.get("meta", {}).get("model") != model.name or results.get("meta", {}).get("task", "basic") != task:
+        results = {}  # another model's rows: start over
+    results["meta"] = {"model": model.name, "task": task, "eval_samples": a.eval_samples,
+                       "calib_samples": a.calib_samples,
                        "training": json.loads((model / "training_log.json").read_text())["steps"]}
-    fp = evaluate_dirs(model, None, n=a.eval_samples)
-    results["FP32"] = {"-": {"accuracy": fp.accuracy, "kl": 0.0, "top1": 1.0, "by_kind": fp.accuracy_by_kind}}
-    print(f"FP32 accuracy {fp.accuracy:.3f}", flush=True)
+    fp = evaluate_dirs(model, None, n=a.eval_samples, task=task)
+    results["FP32"] = {"-": {"accuracy": fp.accuracy, "kl": 0.0, "top1": 1.0, "by_kind": fp.accuracy_by_kind,
+                             "bpw": 32.0, "intervals": {"accuracy": fp.intervals["accuracy"]}}}
+    print(f"FP32 accuracy {fp.accuracy:.3f} {fp.ci('accuracy')}", flush=True)
     for setting in a.settings:
         wbits, abits, gs, sym = (MOE_SETTINGS if moe else SETTINGS)[setting]
         for name in a.methods:
@@ -121,27 +163,44 @@ def main() -> int:
             ckpt = work / f"{method}-{setting}-{abs(hash(json.dumps([params, extra], sort_keys=True))) % 10**6}"
             t0 = time.time()
             calibrate(model, ckpt, CalibrationConfig(method=method, wbits=wbits, abits=abits, group_size=gs,
-                                                     symmetric=sym, num_samples=a.calib_samples,
+                                                     symmetric=sym, num_samples=a.calib_samples, calib=calib,
                                                      method_params=params, **extra), overwrite=True,
                       progress=False)
             secs = time.time() - t0
-            r = evaluate_dirs(model, ckpt, n=a.eval_samples)
+            r = evaluate_dirs(model, ckpt, n=a.eval_samples, task=task)
             snr = sorted(r.layer_snr_db.values())
             moe_snr = [v for k, v in r.layer_snr_db.items() if k.endswith(".experts")]
             extra_bytes, extra_flops = adapter_cost(ckpt)
             results.setdefault(name, {})[setting] = {
                 "accuracy": r.accuracy, "kl": r.kl, "top1": r.top1, "by_kind": r.accuracy_by_kind,
+                "fp_accuracy": r.fp_accuracy, "intervals": r.intervals, "bpw": bits_per_weight(ckpt),
                 "median_layer_snr_db": snr[len(snr) // 2], "calib_seconds": round(secs, 1),
                 "adapter_bytes_pct": extra_bytes, "adapter_flops_pct": extra_flops,
             }
             if moe_snr:
                 results[name][setting]["moe_snr_db"] = sum(moe_snr) / len(moe_snr)
-            print(f"{setting:6s} {name:18s} acc {r.accuracy:.3f}  KL {r.kl:.4f}  top1 {r.top1:.3f}  "
+            print(f"{setting:6s} {name:18s} acc {r.accuracy:.3f} {r.ci('accuracy')}  "
+                  f"d {r.accuracy - r.fp_accuracy:+.3f} {r.ci('accuracy_delta')}  KL {r.kl:.4f}  top1 {r.top1:.3f}  "
                   f"SNR {snr[len(snr) // 2]:.1f} dB  ({secs:.0f} s)", flush=True)
             out_json.write_text(json.dumps(results, indent=1))
             shutil.rmtree(ckpt, ignore_errors=True)
     write_reports(results, moe)
     return 0
+
+
+def _ci(r: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
+    iv = r.get("intervals", {}).get(key)
+    return "" if iv is None else f" [{iv[0] * scale:.{digits}f}, {iv[1] * scale:.{digits}f}]"
+
+
+def _row(name: str, setting: str, r: dict) -> str:
+    """One table row: bpw, accuracy, paired difference to FP, KL, top-1 (each with its 95 % interval)."""
+    delta = r["accuracy"] - r.get("fp_accuracy", r["accuracy"])
+    cost = f"+{r['adapter_bytes_pct']:.0f}% / +{r['adapter_flops_pct']:.0f}%" if r.get("adapter_bytes_pct") else "-"
+    snr = f"; {r['moe_snr_db']:.1f} dB" if "moe_snr_db" in r else ""
+    bpw = f"{r['bpw']:.2f}" if "bpw" in r else "n/a"
+    return (f"| {name} | {setting} | {bpw} | {r['kl']:.4f}{_ci(r, 'kl', 4)} | {r['top1']:.3f}{_ci(r, 'top1')} | "
+            f"{r['accuracy']:.3f}{_ci(r, 'accuracy')} | {delta:+.3f}{_ci(r, 'accuracy_delta')}{snr} | {cost} |")
 
 
 def write_reports(results: dict, moe: bool = False) -> None:
@@ -150,33 +209,32 @@ def write_reports(results: dict, moe: bool = False) -> None:
     methods = [m for m in (MOE_METHODS if moe else METHODS) if m in results]
     meta = results["meta"]
     fp = results["FP32"]["-"]
-    head = "| method | " + " | ".join(settings) + " | adapter bytes / FLOPs |"
+    task = meta.get("task", "basic")
+    model_desc = "Qwen3-VL-MoE (8 experts, top-2)" if moe else "Qwen2-VL"
+    flags = " --table moe" if moe else (" --task hard" if task == "hard" else "")
     lines = [
-        f"VQA exact-match accuracy (top-1 agreement with FP32; next-token KL in nats) on {meta['eval_samples']} "
-        f"held-out questions; {meta['calib_samples']} calibration samples"
-        f"{'; last: mean SNR of the MoE layers (routed expert sum, FP inputs)' if moe else ''}. Model: tiny "
-        f"{'Qwen3-VL-MoE (8 experts, top-2)' if moe else 'Qwen2-VL'} trained here ({meta['training']} steps). "
-        f"Regenerate: `python examples/results_table.py{' --table moe' if moe else ''}`.",
+        f"{meta['eval_samples']} held-out questions of the {task} generated VQA task; {meta['calib_samples']} "
+        f"calibration samples. Model: tiny {model_desc} trained here ({meta['training']} steps). Columns: stored "
+        "bits per weight over the quantized modules (packed weights, scales, zeros, smoothing, adapters, router), "
+        "next-token KL(FP || Q) in nats and top-1 agreement with FP over the answer positions, exact-match "
+        "accuracy, and its paired difference to FP on the same questions; [95 % bootstrap intervals, questions "
+        f"resampled]{'; last column also: mean SNR of the MoE layers' if moe else ''}. "
+        f"Regenerate: `python examples/results_table.py{flags}`.",
         "",
-        head,
-        "|" + "---|" * (len(settings) + 2),
-        "| FP32 | " + " | ".join(f"{fp['accuracy']:.3f}" for _ in settings) + " | - |",
+        "| method | setting | bpw | KL (nats) | top-1 agreement | accuracy | vs FP | adapter bytes / FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| FP32 | - | 32 | 0 | 1 | {fp['accuracy']:.3f}{_ci(fp, 'accuracy')} | - | - |",
     ]
-    for m in methods:
-        cells = []
-        cost = "-"
-        for s in settings:
-            r = results[m].get(s)
-            if r is None:
-                cells.append("n/a")
-                continue
-            cell = f"{r['accuracy']:.3f} ({r['top1']:.3f}; {r['kl']:.4f}"
-            cells.append(cell + (f"; {r['moe_snr_db']:.1f} dB)" if "moe_snr_db" in r else ")"))
-            if r["adapter_bytes_pct"] > 0:
-                cost = f"+{r['adapter_bytes_pct']:.0f}% / +{r['adapter_flops_pct']:.0f}%"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
+    for s in settings:
+        lines += [_row(m, s, results[m][s]) for m in methods if s in results[m]]
     table = "\n".join(lines)
-    (ROOT / "docs" / ("results-moe.md" if moe else "results.md")).write_text("# Results\n\n" + table + "\n")
+    path = ROOT / "docs" / ("results-moe.md" if moe else "results.md")
+    old = path.read_text() if path.exists() else ""
+    if "<!-- TABLE:BEGIN -->" in old:  # keep the text around the markers
+        path.write_text(re.sub(r"(<!-- TABLE:BEGIN -->\n).*?(\n<!-- TABLE:END -->)",
+                               lambda mt: mt.group(1) + table + mt.group(2), old, flags=re.S))
+    else:
+        path.write_text("# Results\n\n<!-- TABLE:BEGIN -->\n" + table + "\n<!-- TABLE:END -->\n")
     readme = ROOT / "README.md"
     marker = "MOE-RESULTS" if moe else "RESULTS"
     if readme.exists():

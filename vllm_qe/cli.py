@@ -86,8 +86,11 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     r = evaluate_dirs(a.fp_dir, a.quantized_dir, n=a.num_samples, seed=a.seed)
     snr = sorted(r.layer_snr_db.values())
-    print(f"VQA accuracy   {r.accuracy:.3f}  ({', '.join(f'{k} {v:.2f}' for k, v in r.accuracy_by_kind.items())})")
-    print(f"next-token KL  {r.kl:.4f} nats   top-1 agreement {r.top1:.3f}   (n={r.n})")
+    print(f"next-token KL  {r.kl:.4f} {r.ci('kl', 4)} nats   top-1 agreement {r.top1:.3f} {r.ci('top1')}   "
+          f"(n={r.n} {r.task}-task questions; [95 % bootstrap intervals])")
+    print(f"VQA accuracy   {r.accuracy:.3f} {r.ci('accuracy')}  FP {r.fp_accuracy:.3f} {r.ci('fp_accuracy')}  "
+          f"difference {r.accuracy - r.fp_accuracy:+.3f} {r.ci('accuracy_delta')} (paired)")
+    print(f"by kind        {', '.join(f'{k} {v:.2f}' for k, v in r.accuracy_by_kind.items())}")
     if snr:
         print(f"layer SNR      min {snr[0]:.1f} dB, median {snr[len(snr) // 2]:.1f} dB over {len(snr)} layers")
     if a.json:

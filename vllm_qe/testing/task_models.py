@@ -6,6 +6,7 @@ does for the default task) that transformers and vLLM 0.32 load; `train_vqa` the
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def build_task_model(task: str, out_dir: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown task {task!r}: the default task's model is tiny_models.build_tiny_model")
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vllm_qe.testing.vqa_hard import corpus_sentences
+    from vllm_qe.testing.vqa_hard import IMAGE_SIZE, corpus_sentences
 
     out = Path(out_dir)
     if out.exists():
@@ -58,5 +59,14 @@ def build_task_model(task: str, out_dir: str | Path, seed: int = 0) -> Path:
     tiny_models._reinit(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    tiny_models._save_processor("qwen2_vl", out, tok)
+    _save_processor(out, tok, IMAGE_SIZE)
     return out
+
+
+def _save_processor(out: Path, tok, image_size: int) -> None:
+    """Qwen2-VL's image processor fixed to `image_size` x `image_size` pixels, and the chat template."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    px = image_size * image_size
+    Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2).save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": tok.chat_template}))

@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vllm_qe.testing.vqa import IMAGE_SIZE, NUMBER_WORDS, VQASample, _digits, _draw_shape
+from vllm_qe.testing.vqa import NUMBER_WORDS, VQASample, _digits, _draw_shape
+
+# 84 = 3 x 28: with Qwen2-VL's 14-pixel patches merged 2x2, each of the 9 image tokens sees one cell of the grid.
+IMAGE_SIZE = 84
 
 # Hue bin centres (degrees): 0, 30, ..., 330. A sample's hue is the centre +- HUE_JITTER degrees.
 HUES = ("red", "orange", "yellow", "lime", "green", "jade", "cyan", "azure", "blue", "violet", "magenta", "pink")
