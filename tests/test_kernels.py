@@ -287,6 +287,24 @@ def test_fused_moe_matches_reference(bits, t, topk, with_adapters):
 
 
 
+def test_fused_moe_prefill_block_64_matches_reference():
+    """The prefill alignment block (64 rows, plain-orientation tile) and its adapters = the reference."""
+    from vllm_qe.kernels.triton.moe import fused_moe_qe, moe_block_m
+
+    assert moe_block_m(16, 8) == 16 and moe_block_m(64 * 8, 8) == 64
+    e, h, inter, r, t, topk = 3, 64, 48, 4, 40, 2
+    g = torch.Generator().manual_seed(64)
+    w13 = _expert_weights(e, 2 * inter, h, 4, 32, seed=500)
+    w2 = _expert_weights(e, h, inter, 4, 16, seed=600)
+    x = torch.randn(t, h, generator=g).to(DEVICE)
+    ids = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(t)]).to(DEVICE)
+    wts = torch.softmax(torch.randn(t, topk, generator=g), -1).to(DEVICE)
+    ad13 = (torch.randn(e, r, h, generator=g).to(DEVICE) * 0.1, torch.randn(e, 2 * inter, r, generator=g).to(DEVICE) * 0.1)
+    got = fused_moe_qe(x, w13[:3], w2[:3], 4, (32, 16), ids, wts, ad13, None, block_m=64)
+    want = reference.fused_moe(x, w13[3], w2[3], ids, wts, ad13, None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 def test_fused_moe_packed_op_with_smoothing_triton_equals_cpu_oracle(bits, monkeypatch):
     """The plugin's MoE op: the Triton path (per-expert smoothing, shared adapters, top-2, idle experts) equals the

@@ -98,10 +98,10 @@ LORA_EXPERTS, LORA_RANKS = 8, (32, 64)
 
 
 def moe_variants() -> list[Variant]:
-    """`fused_moe_qe` as the runtime calls it (16-row alignment blocks -> the swap-AB tile)."""
-    tile = moe.MOE_TILES[16]
+    """`fused_moe_qe` as the runtime calls it: 16-row alignment blocks (swap-AB tile) or 64 (`moe_block_m`)."""
     out = []
-    for bits in BITS:
+    for block_m, bits in ((b, w) for b in sorted(moe.MOE_TILES) for w in BITS):
+        tile = moe.MOE_TILES[block_m]
         types = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32",
                  "sorted_ptr": "*i32", "bexp_ptr": "*i32", "npad_ptr": "*i32",
                  **dict.fromkeys(["num_rows", "N", "K", "P", "group_size", "row_div", "stride_xm", "stride_we",
@@ -114,18 +114,19 @@ def moe_variants() -> list[Variant]:
 
 
 def lora_variants() -> list[Variant]:
+    """Shrink/expand per rank block and alignment block (16: linear layers and MoE decode; 64: MoE prefill)."""
     out = []
-    for r in LORA_RANKS:
+    for r, bm in ((r, bm) for bm in sorted(moe.MOE_TILES) for r in LORA_RANKS):
         br = lora.rank_block(r)
         ints = ["M", "K", "R", "N", "stride_xm", "stride_ae", "stride_ar", "stride_tm", "stride_be", "stride_bn",
                 "stride_ym"]
         idx = {"sorted_ptr": "*i32", "bexp_ptr": "*i32", "npad_ptr": "*i32", **dict.fromkeys(ints, _I32)}
-        out.append(Variant("lora_shrink", f"rank {r}: BM16 BR{br} BK{lora.SHRINK_BLOCK_K} w4", lora._shrink_kernel,
+        out.append(Variant("lora_shrink", f"rank {r}: BM{bm} BR{br} BK{lora.SHRINK_BLOCK_K} w4", lora._shrink_kernel,
                            {"x_ptr": "*bf16", "a_ptr": "*bf16", "t_ptr": "*fp32", **idx},
-                           dict(DOT_IEEE=False, BLOCK_M=16, BLOCK_R=br, BLOCK_K=lora.SHRINK_BLOCK_K)))
-        out.append(Variant("lora_expand", f"rank {r}: BM16 BN{lora.EXPAND_BLOCK_N} BR{br} w4", lora._expand_kernel,
+                           dict(DOT_IEEE=False, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=lora.SHRINK_BLOCK_K)))
+        out.append(Variant("lora_expand", f"rank {r}: BM{bm} BN{lora.EXPAND_BLOCK_N} BR{br} w4", lora._expand_kernel,
                            {"t_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*fp32", **idx},
-                           dict(DOT_IEEE=False, BLOCK_M=16, BLOCK_N=lora.EXPAND_BLOCK_N, BLOCK_R=br)))
+                           dict(DOT_IEEE=False, BLOCK_M=bm, BLOCK_N=lora.EXPAND_BLOCK_N, BLOCK_R=br)))
     return out
 
 
@@ -152,20 +153,21 @@ def gemm_launches(sms: int) -> list[dict[str, Any]]:
 def moe_launches(sms: int) -> list[dict[str, Any]]:
     """Both expert GEMMs at T tokens; weights of min(E, T·k) experts (the most a routing can touch)."""
     h, inter, e, k = (MOE_SHAPE[key] for key in ("hidden", "inter", "experts", "top_k"))
-    tile = moe.MOE_TILES[16]
     rows_out = []
     for name, n, kk in (("w13", 2 * inter, h), ("w2", h, inter)):
         for t in BENCH_M:
             rows = t * k
-            blocks = lora.max_padded_rows(rows, e, 16) // 16
+            bm = moe.moe_block_m(rows, e)
+            tile = moe.MOE_TILES[bm]
+            blocks = lora.max_padded_rows(rows, e, bm) // bm
             active = min(e, rows)
             w = active * (n * math.ceil(kk * 4 / 32) * 4 + n * math.ceil(kk / GROUP) * 3)
             b = w + rows * kk * 2 + rows * n * 4
-            used_blocks = min(blocks, math.ceil(rows / 16) + active)
+            used_blocks = min(blocks, math.ceil(rows / bm) + active)
             rows_out.append({"kernel": "moe_gemm W4A16", "model": f"MoE E{e} top{k}", "layer": name, "n": n, "k": kk,
                              "m": t, "config": f"{tile.label()} (blocks: {blocks} launched, <= {used_blocks} work)",
                              "programs": blocks * math.ceil(n / tile.block_n), "bytes": b,
-                             "tiled_bytes": w / active * used_blocks + rows * kk * 2 * math.ceil(n / tile.block_n)})
+                             "tiled_bytes": w / active * used_blocks + blocks * bm * kk * 2 * math.ceil(n / tile.block_n)})
     return rows_out
 
 

@@ -20,9 +20,14 @@ from vllm_qe.kernels.triton.lora import align_tokens, lowrank_add_
 # Hopper's wgmma (M >= 64) applies; larger blocks use the plain orientation.
 MOE_TILES: dict[int, GemmTile] = {
     16: GemmTile(16, 64, 128, 4, 3, swap_ab=True),
-    32: GemmTile(32, 128, 64, 8, 3),
     64: GemmTile(64, 128, 64, 8, 3),
 }
+
+
+def moe_block_m(rows: int, num_experts: int) -> int:
+    """Alignment block (rows per program) from shapes alone: 64 once experts average 64 (token, slot) rows
+    (prefill), else 16 (decode: most experts get a few rows, padding stays small)."""
+    return 64 if rows >= 64 * num_experts else 16
 
 
 @triton.jit
@@ -79,11 +84,12 @@ def moe_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
 def fused_moe_qe(
     x: torch.Tensor, w13: tuple, w2: tuple, bits: int, group_size: int | tuple[int, int], topk_ids: torch.Tensor,
     topk_weights: torch.Tensor, adapters13: tuple | None = None, adapters2: tuple | None = None,
-    block_m: int = 16, smooth13: torch.Tensor | None = None, smooth2: torch.Tensor | None = None,
+    block_m: int | None = None, smooth13: torch.Tensor | None = None, smooth2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwiGLU MoE: `x` `[T, H]`; `w13` = (packed `[E, 2I, P]`, scale, zero|None) with gate rows first; `w2` =
     (packed `[E, H, P']`, ...); `topk_ids`/`topk_weights` `[T, k]`; adapters = (A `[E, r, in]`, B `[E, out, r]`)
-    per expert (QE's shared expert of each MoE expert) or None; `group_size` may differ per GEMM (w13, w2);
+    per expert (QE's shared expert of each MoE expert) or None; `block_m`: rows per alignment block (None:
+    `moe_block_m`, a function of the shapes); `group_size` may differ per GEMM (w13, w2);
     `smooth13` `[E, H]` / `smooth2` `[E, I]`: per-expert smoothing, the GEMM (not the adapters) reads `x / s`
     (rows are then materialised per (token, slot)). Returns `[T, H]` in x.dtype."""
     gs13, gs2 = group_size if isinstance(group_size, tuple) else (group_size, group_size)
@@ -91,6 +97,7 @@ def fused_moe_qe(
     E = w13[0].shape[0]
     rows = T * k
     row_expert = topk_ids.reshape(-1)
+    block_m = moe_block_m(rows, E) if block_m is None else block_m
     aligned = align_tokens(row_expert, E, block_m)
     sorted_rows, bexp, npad = aligned
     if smooth13 is None:
