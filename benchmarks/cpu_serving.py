@@ -199,6 +199,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="OpenMP threads of the vLLM worker (bound to cores 0..N-1; default 1: on a machine shared "
                         "with other jobs, a 2-thread barrier waits for a descheduled thread on every op)")
+    p.add_argument("--render-only", action="store_true", help="re-render OUT from WORKDIR/results.json")
     p.add_argument("--variant", nargs=3, metavar=("CKPT", "QUANTIZED", "JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.variant:  # child process: one engine
@@ -209,6 +210,9 @@ def main() -> int:
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if a.render_only:
+        saved = json.loads((work / "results.json").read_text())
+        return write_table(a, saved.pop("_meta", {}), saved)
     t0 = time.time()
     model = build_model(work / f"qwen2vl-2b-widths-l{a.layers}", a.layers)
     rtn = quantize_rtn(model, work / f"{model.name}-rtn-w4g128")
@@ -232,22 +236,29 @@ def main() -> int:
         results[label] = json.loads(out.read_text())
         load.append(os.getloadavg()[0])
         print(json.dumps({k: v for k, v in results[label].items() if k not in ("linear", "quantized")}), flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    meta = {"qe_bits": qe_bits, "load": load}
+    (work / "results.json").write_text(json.dumps({**results, "_meta": meta}, indent=1))
+    return write_table(a, meta, results)
+
+
+def write_table(a, meta: dict, results: dict) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    table = render(results, a, qe_bits, load, adapters_microbench())
+    table = render(results, a, meta.get("qe_bits"), meta.get("load"), adapters_microbench())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(table)
     print(table)
     return 0
 
 
-def render(results: dict, a, qe_bits: float, load: list[float], micro: list[tuple[int, float, float]]) -> str:
+def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
+           micro: list[tuple[int, float, float]]) -> str:
     labels = list(results)
     fp, w4, qe = (results[k] for k in labels)
-    names = set(w4["quantized"])
-    fp_q = sum(v for n, v in fp["linear"].items() if n in names)  # the bf16 model's same layers
+    # bf16 bytes of the quantized layers, 2·out·in each: vLLM's CPU bf16 linear hands its weights to oneDNN / sgl-kernel
+    # (prepacked, outside the module's parameters), so the stock model's parameters do not show them.
+    fp_q = sum(ref for _, ref in w4["quantized"].values())
 
     def q_bytes(r: dict) -> int:
         return fp_q if r is fp else sum(b for b, _ in r["quantized"].values())
@@ -255,7 +266,7 @@ def render(results: dict, a, qe_bits: float, load: list[float], micro: list[tupl
     mib = 2**20
     rows = [("quantized layers' resident bytes (MiB)", lambda r: f"{q_bytes(r) / mib:.1f}"),
             ("... vs bf16", lambda r: f"{q_bytes(r) / fp_q:.1%}"),
-            ("whole model weights (MiB)", lambda r: f"{r['model_bytes'] / mib:.1f}"),
+            ("parameters + buffers (MiB, see note)", lambda r: f"{r['model_bytes'] / mib:.1f}"),
             ("worker peak RSS (MiB)", lambda r: f"{r['peak_rss_kib'] / 1024:.0f}")]
     for kind in ("prefill", "decode"):
         for b in (1, 8):
@@ -273,8 +284,11 @@ def render(results: dict, a, qe_bits: float, load: list[float], micro: list[tupl
              f"= {qe_bits:.3f} bit/weight (bf16 adapters, fp32 router). Kernels: "
              f"W4 {w4['summary']['kernels']}, W4+QE {qe['summary']['kernels']}. dtype bf16, "
              f"{'eager' if a.eager else 'vLLM default compilation'}, {a.threads} OpenMP thread(s), best of {a.repeats}; "
-             f"load average "
-             f"{', '.join(f'{x:.1f}' for x in load)} (start, after each variant) on a shared 2-core machine.", "",
+             "load average " + (", ".join(f"{x:.1f}" for x in load) + " (start, after each variant)" if load else
+                                "not recorded") + " on a 2-core machine shared with other jobs.", "",
+             "Note: the bf16 column of the quantized layers is their bf16 size (2 bytes · out · in); vLLM's CPU bf16 "
+             "linear layers keep their weights prepacked (oneDNN / sgl-kernel handles) outside the module parameters, so the stock "
+             "model's 'parameters + buffers' row misses them (its worker peak RSS does not).", "",
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for name, fn in rows:
         lines.append(f"| {name} | " + " | ".join(fn(results[k]) for k in labels) + " |")
