@@ -65,13 +65,14 @@ def test_tensor_cores_on_every_gemm(report):
 
 
 def test_packed_words_and_scales_load_vectorized(report):
-    """2/4/8-bit weights: the packed words arrive as 16-byte loads/copies (the old kernel loaded every word 8 times
-    with 4-byte accesses); the N-major scale layout keeps scalar loads to a handful, the checkpoint layout does not."""
+    """2/4/8-bit weights at the table's K tiles: the packed words arrive as 16-byte loads/copies (the old kernel
+    loaded every word 8 times with 4-byte accesses); the N-major scale layout keeps scalar loads to a handful, the
+    checkpoint layout does not. (Tiles shrunk to group 32/64 move 16-32 bytes of words per row: 8-byte copies.)"""
     _, _, results = report
     for arch, rows in results.items():
         by_config = {r["config"]: r["sass"] for r in rows if r["kernel"] == "qe_gemm"}
         for r in rows:
-            if r["kernel"] != "qe_gemm" or r["tags"]["bits"] == 3:
+            if r["kernel"] != "qe_gemm" or r["tags"]["bits"] == 3 or "(group" in r["config"]:
                 continue
             s = r["sass"]
             assert s["LDG.E.128"] + s["LDGSTS.128"] > 0, (arch, r["config"])

@@ -16,7 +16,8 @@ from vllm_qe.kernels.aot import BENCH_M, BENCH_SHAPES, Variant
 from vllm_qe.kernels.triton import gemm, lora, moe
 
 BITS = (3, 4, 8)
-GROUP = 128  # group size of the benchmark checkpoints (smaller groups shrink BLOCK_K to the group)
+GROUP = 128  # group size of the benchmark checkpoints
+SMALL_GROUPS = (32, 64)  # groups smaller than a tile's BLOCK_K: compiled for 4-bit weights
 
 LEGEND = [
     "Columns: `regs` per thread and `spills` from ptxas; `smem` = shared memory per program (Triton metadata); "
@@ -26,7 +27,9 @@ LEGEND = [
     "Configuration: `BM/BN/BK` block sizes, `w` warps, `s` pipeline stages, `swapAB` = `yᵀ = W·xᵀ` (N is the "
     "MMA's M), `atomic` = split-K partial sums added atomically, `W<b>A16` = bf16 activations, `W<b>A8` = int8 "
     "activations and int8 MMA, `ckpt-scales` = scales in the checkpoint's `[N, G]` row-major layout instead of "
-    "the N-major one `gemm.kernel_layout` makes, `per-elem` = group size smaller than a K tile (3-bit, group 16).",
+    "the N-major one `gemm.kernel_layout` makes, `per-elem` = group size smaller than a K tile (3-bit, group 16), "
+    "`(group 32/64)` = the tile's BLOCK_K shrunk to a smaller group (4-bit; group 128 and per-channel use the "
+    "table's BLOCK_K).",
 ]
 LAUNCH_NOTES = [
     f"W4 asymmetric, group {GROUP}, bf16 activations (A16) and int8 activations (A8); programs = grid size incl. "
@@ -77,6 +80,18 @@ def gemm_variants() -> list[Variant]:
                 # tiles up to SPLIT_K_MAX_M split K (atomic stores) unless the output tiles fill the GPU
                 for atomic in ((True, False) if max_m <= gemm.SPLIT_K_MAX_M else (False,)):
                     out.append(_gemm_variant(tile, bits, int8, atomic))
+    # smaller groups shrink BLOCK_K to the group (`gemm.k_block`): those tiles for the common 4-bit weights
+    for group in SMALL_GROUPS:
+        for int8 in (False, True):
+            for max_m, tile in gemm.tile_table(int8, 4):
+                bk, per_tile = gemm.k_block(tile.block_k, 4, group, 1 << 20)
+                if bk == tile.block_k:
+                    continue
+                small = gemm.GemmTile(tile.block_m, tile.block_n, bk, tile.num_warps, tile.num_stages, tile.swap_ab)
+                for atomic in ((True, False) if max_m <= gemm.SPLIT_K_MAX_M else (False,)):
+                    v = _gemm_variant(small, 4, int8, atomic)
+                    out.append(Variant(v.kernel, f"{v.config} (group {group})", v.fn, v.types, v.constexprs,
+                                       v.num_warps, v.num_stages, v.unaligned, v.tags))
     decode = gemm.TILES_A16[0][1]
     out.append(_gemm_variant(decode, 4, False, True, ckpt_scales=True))
     out.append(_gemm_variant(decode, 3, False, True, per_elem=True))

@@ -61,14 +61,14 @@ TILES_A16: tuple[tuple[int, GemmTile], ...] = (
 TILES_INT8: tuple[tuple[int, GemmTile], ...] = (
     (16, GemmTile(16, 64, 128, 4, 4, swap_ab=True)),
     (64, GemmTile(32, 128, 64, 4, 3)),
-    (256, GemmTile(64, 128, 64, 8, 3)),
+    (256, GemmTile(64, 64, 64, 4, 3)),
     (1 << 62, GemmTile(128, 128, 64, 8, 3)),
 )
-# 3-bit unpacking holds three word tiles: these two tiles spill at 128 registers (8 warps) with 3-bit weights
-# (static report), so 3-bit layers use these instead.
+# 3-bit unpacking holds three word tiles: this tile spills at 128 registers (8 warps) with 3-bit weights (static
+# report), so 3-bit layers use 4 warps instead. (The int8 M<=256 tile is BN64 for the same reason: BN128 with
+# 8 warps spilled for 3-bit weights and for group-32 K tiles.)
 TILES_3BIT_OVERRIDE: dict[tuple[int, bool], GemmTile] = {
     (64, False): GemmTile(32, 128, 64, 4, 3),
-    (256, True): GemmTile(64, 64, 64, 4, 3),
 }
 DEFAULT_NUM_SMS = 132  # H100 SXM; the real count is read from the device when there is one
 MAX_SPLIT_K = 32
