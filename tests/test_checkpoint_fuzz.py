@@ -468,7 +468,7 @@ def test_vllm_refuses_corruptions_with_the_validator_line_before_the_engine_star
         with pytest.raises(RuntimeError) as r:
             run_vllm(folder, make_requests(folder, tmp_path, n=1), tmp_path, timeout=300)
         err = str(r.value)
-        assert f"FormatError: {line}" in err, (what, line, err[-2000:])
+        assert err.strip().splitlines()[-1] == f"vllm_qe.format.spec.InvalidCheckpoint: {line}", (what, err[-2000:])
         assert "Initializing a V1 LLM engine" not in err, what
 
 

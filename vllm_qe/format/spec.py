@@ -37,6 +37,11 @@ class FormatError(ValueError):
     """A checkpoint or config does not follow the format; the message names the field/module/tensor."""
 
 
+class InvalidCheckpoint(RuntimeError):
+    """A `FormatError` re-raised where a caller would wrap a ValueError in its own report (vLLM builds its config
+    in a pydantic dataclass, which turns ValueErrors into a multi-line ValidationError): same one-line message."""
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

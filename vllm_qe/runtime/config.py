@@ -62,10 +62,14 @@ class QuantExpertsConfig(QuantizationConfig):
         fails with the file, field or tensor named (local folders only)."""
         import os
 
+        from vllm_qe.format.spec import InvalidCheckpoint
         from vllm_qe.format.validate import validate_checkpoint
 
         if os.path.isdir(model_name):
-            validate_checkpoint(model_name)
+            try:
+                validate_checkpoint(model_name)
+            except FormatError as e:
+                raise InvalidCheckpoint(str(e)) from None
 
     def checkpoint_modules(self, prefix: str) -> list[str]:
         """vLLM names of the checkpoint modules fused into the layer `prefix` ([] when it is not quantized)."""
