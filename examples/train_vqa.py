@@ -1,7 +1,7 @@
 """Train a tiny Qwen2-VL VQA model used by the accuracy tables (seeded; one torch thread by default).
 
     python examples/train_vqa.py --out runs/vqa-qwen2vl [--steps 3000]      (basic task; 17 min on 2 idle cores)
-    python examples/train_vqa.py --task hard --out runs/vqa-hard            (hard task: 1500 steps, lr 3e-3,
+    python examples/train_vqa.py --task hard --out runs/vqa-hard            (hard task: 1000 steps, lr 3e-3,
                                                                               fresh samples; see its training_log)
     python examples/train_vqa.py --arch qwen3_vl_moe --out runs/vqa-qwen3vlmoe   (the MoE rows)
 
@@ -18,7 +18,7 @@ from vllm_qe.testing.train_vqa import train_vqa_model
 
 # Per task: steps, lr, distinct training samples, log interval (the defaults of the recorded runs).
 PRESETS = {"basic": dict(steps=3000, lr=2e-3, n_train=4000, log_every=100),
-           "hard": dict(steps=1500, lr=3e-3, n_train=100_000, log_every=25)}
+           "hard": dict(steps=1000, lr=3e-3, n_train=100_000, log_every=25)}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

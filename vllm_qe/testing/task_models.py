@@ -1,7 +1,7 @@
 """The tiny Qwen2-VL of a generated VQA task variant: its tokenizer trained on that task's corpus, its widths.
 
 `build_task_model("hard", out_dir)` writes a complete random-init HF folder (as `tiny_models.build_tiny_model`
-does for the default task) that transformers and vLLM 0.32 load; `train_vqa` then trains it.
+does for the default task, but with fan-in scaled init) that transformers and vLLM 0.32 load; `train_vqa` then trains it.
 """
 
 from __future__ import annotations
@@ -56,11 +56,31 @@ def build_task_model(task: str, out_dir: str | Path, seed: int = 0) -> Path:
         setattr(config.text_config, k, v)
     config.dtype = torch.float32
     model = Qwen2VLForConditionalGeneration(config).eval()
-    tiny_models._reinit(model, seed)
+    init_fan_in(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     _save_processor(out, tok, IMAGE_SIZE)
     return out
+
+
+def init_fan_in(model: torch.nn.Module, seed: int) -> None:
+    """Seeded N(0, 1/fan_in) matrices (embeddings N(0, 0.02)), unit norms, zero biases.
+
+    `tiny_models`' N(0, 0.02) everywhere makes each 64-256-wide linear a contraction (gain ~0.3), so the vision
+    merger's input LayerNorm (`ln_q`, whose name has no "norm") a weight of N(0, 0.01): image features reach the
+    language model at ~1 % of their scale, and a task that depends on the image only stays at its answer prior for
+    hundreds of steps (measured: colour-only, 150 steps, no progress; all kinds, 950 steps, none)."""
+    norms = {f"{m}.weight" for m, mod in model.named_modules() if "Norm" in type(mod).__name__}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                std = 0.02 if "embed_tokens" in name else p[0].numel() ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif name in norms:  # incl. the merger's `ln_q`, which `tiny_models` leaves at N(0, 0.01)
+                p.fill_(1.0)
+            else:
+                p.zero_()
 
 
 def _save_processor(out: Path, tok, image_size: int) -> None:
