@@ -226,7 +226,8 @@ def main() -> int:
         out = work / f"result-{len(results)}.json"
         cmd = [sys.executable, __file__, "--variant", str(ckpt), "1" if quantized else "0", str(out),
                "--repeats", str(a.repeats)] + (["--eager"] if a.eager else [])
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1",
+        # no compile cache: its key does not cover the plugin's code, a stale graph could be replayed
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DISABLE_COMPILE_CACHE="1",
                    VLLM_CPU_OMP_THREADS_BIND="0" if a.threads == 1 else f"0-{a.threads - 1}")
         print(f"[{label}] serving {ckpt}", flush=True)
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -48,8 +48,8 @@ def test_cuda_own_triton_gemm_where_vllm_has_none(capability, bits, act_bits):
 
 
 @pytest.mark.parametrize("spec_kw, want", [
-    (dict(bits=4), "VllmMPKernel"),  # vLLM's CPUWNA16 (bf16)
-    (dict(bits=4, act_bits=8), "VllmMPKernel"),  # activation fake-quant in torch, then vLLM's GEMM
+    (dict(bits=4), "Int4PackCPUKernel"),  # vLLM's CPUWNA16 without AMX is the slow generic path
+    (dict(bits=4, act_bits=8), "Int4PackCPUKernel"),
     (dict(bits=4, dtype=torch.float32), "Int4PackCPUKernel"),  # cpu_gemm_wna16 has no float32 path
     (dict(bits=3), "Int4PackCPUKernel"),
     (dict(bits=2, symmetric=False), "Int4PackCPUKernel"),
@@ -57,9 +57,21 @@ def test_cuda_own_triton_gemm_where_vllm_has_none(capability, bits, act_bits):
     (dict(bits=8, dtype=torch.float32), "ReferenceKernel"),
     (dict(bits=4, shape=(2048, 100), dtype=torch.float32), "ReferenceKernel"),  # out % 16
 ])
-def test_cpu_choice(spec_kw, want):
+def test_cpu_choice(spec_kw, want, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # as in every vLLM process here
     kind, reasons = choose_kernel_class(_spec(**spec_kw), KernelTarget("cpu"))
     assert kind.__name__ == want, reasons
+
+
+@pytest.mark.parametrize("spec_kw", [dict(bits=4), dict(bits=4, act_bits=8), dict(bits=4, symmetric=False)])
+def test_cpu_choice_takes_vllms_cpuwna16_when_asked(spec_kw, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setenv("VLLM_QE_CPU_KERNEL", "vllm")
+    from vllm_qe.runtime.kernels import vllm_choice
+
+    kind, reasons = choose_kernel_class(_spec(**spec_kw), KernelTarget("cpu"))
+    assert kind.__name__ == "VllmMPKernel", reasons
+    assert vllm_choice(_spec(**spec_kw), KernelTarget("cpu"))[0].__name__ == "CPUWNA16LinearKernel"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

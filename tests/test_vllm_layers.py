@@ -24,6 +24,8 @@ def _port() -> int:
 
 def _run(opts: dict, tp: int) -> list[dict]:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    if opts.get("cpu_kernel"):
+        env["VLLM_QE_CPU_KERNEL"] = opts["cpu_kernel"]
     if tp == 1:
         cmd = [sys.executable, str(HELPER), json.dumps(opts)]
         env.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(_port()))
@@ -53,13 +55,14 @@ def test_vllm_linear_method_matches_reference(opts, tp):
 
 
 @pytest.mark.parametrize("opts, tp, kernel", [
-    ({"wbits": 4, "abits": None, "qe": True}, 1, "CPUWNA16LinearKernel"),  # vLLM's own CPU int4 kernel
-    ({"wbits": 4, "abits": 8}, 2, "CPUWNA16LinearKernel"),  # ... sharded, with activation quantization
+    ({"wbits": 4, "abits": None, "qe": True}, 1, "Int4PackCPUKernel"),  # the CPU default (no AMX here)
+    ({"wbits": 4, "abits": None, "qe": True, "cpu_kernel": "vllm"}, 1, "CPUWNA16LinearKernel"),  # vLLM's own
+    ({"wbits": 4, "abits": 8, "cpu_kernel": "vllm"}, 2, "CPUWNA16LinearKernel"),  # ... sharded, act quant
     ({"wbits": 3, "abits": None, "qe": True}, 1, "Int4PackCPUKernel"),  # no vLLM kernel for 3-bit
 ])
 def test_vllm_linear_method_bf16(opts, tp, kernel):
-    """bf16 activations (the CPU serving default): the kernel vLLM's chooser gives 4-bit layers, torch's int4 GEMM
-    for 3-bit; within bf16 rounding of the float32 reference (scales, inputs and outputs are rounded to bf16: a
+    """bf16 activations (the CPU serving default): torch's int4 GEMM, or vLLM's CPUWNA16 when asked
+    (`VLLM_QE_CPU_KERNEL=vllm`; the default without AMX is torch's, see runtime/kernels.py); within bf16 rounding of the float32 reference (scales, inputs and outputs are rounded to bf16: a
     wrong grid or zero point would be off by whole quantization steps, i.e. tens of percent)."""
     for row in _run({**opts, "dtype": "bfloat16"}, tp):
         assert row["kernel"] == kernel, row

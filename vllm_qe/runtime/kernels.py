@@ -6,7 +6,8 @@ plus what vLLM's config cannot say (3-bit / 2-bit grids, activation quantization
 
 1. `VllmMPKernel`: whatever `vllm...kernels.linear.choose_mp_linear_kernel` picks (CUDA: Machete, Marlin, ...;
    CPU: Dynamic4bit, Zentorch, CPUWNA16) for weight-only layers (on CPU also activation-quantized ones, whose
-   fake quantization runs in torch before the GEMM). The checkpoint's tensors are already compressed-tensors'
+   fake quantization runs in torch before the GEMM). On CPU, CPUWNA16 is taken only with AMX: its generic path
+   is ~30x slower than torch's int4 GEMM at decode sizes (measured; `VLLM_QE_CPU_KERNEL=vllm` takes it anyway). The checkpoint's tensors are already compressed-tensors'
    layout (`weight_packed` `[out, in/8]` int32, little-endian nibbles), so they are handed to vLLM as they are;
    only the zero points are repacked (uint8 `[out, G]` -> int32 `[out/8, G]`) and the scales cast to the
    activation dtype.
@@ -24,6 +25,7 @@ against a CUDA platform view of the given capability), which is how the CPU test
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -208,6 +210,12 @@ def vllm_choice(c: QELayerSpec, target: KernelTarget) -> tuple[type[MPLinearKern
     if target.device == "cpu" and kind.__name__ in _CPU_HALF_ONLY and c.mp.act_type == torch.float32:
         # vLLM's `can_implement` accepts float32, but `cpu_gemm_wna16` has no float32 path (measured).
         return None, f"{kind.__name__} runs bf16/fp16 activations only"
+    if (target.device == "cpu" and kind.__name__ == "CPUWNA16LinearKernel" and not torch.cpu._is_amx_tile_supported()
+            and os.environ.get("VLLM_QE_CPU_KERNEL") != "vllm"):
+        # Without AMX (off in every vLLM process here, see plugin.py) `cpu_gemm_wna16` runs its generic "vec" path:
+        # 30 ms vs 0.9 ms for torch's int4 GEMM at M=1, 1536x8960 g128, one thread (benchmarks/cpu_serving.py).
+        return None, "CPUWNA16 without AMX (generic path, measured ~30x slower than torch's int4 GEMM at M=1; " \
+                     "VLLM_QE_CPU_KERNEL=vllm keeps it)"
     return kind, None
 
 
