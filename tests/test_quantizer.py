@@ -16,16 +16,18 @@ from vllm_qe.format.quantizer import (
 )
 
 
-def _reference_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """Loop over rows and groups; the obvious textbook formula."""
+def _reference_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                          sym_grid: str = "full") -> torch.Tensor:
+    """Loop over rows and groups; the obvious textbook formula (symmetric: `max|w|` over `2^(b-1) - 1/2` on the
+    full grid, over `2^(b-1) - 1` on the restricted one)."""
     out = torch.empty_like(w)
     gs = w.shape[1] if group_size == -1 else group_size
     for r in range(w.shape[0]):
         for start in range(0, w.shape[1], gs):
             g = w[r, start:start + gs]
             if symmetric:
-                qmax = 2 ** (bits - 1) - 1
-                s = torch.tensor(max(float(g.abs().max()) / qmax, 1e-6)).half().float()
+                levels = 2 ** (bits - 1) - (0.5 if sym_grid == "full" else 1.0)
+                s = torch.tensor(max(float(g.abs().max()) / levels, 1e-6)).half().float()
                 z = 2 ** (bits - 1)
             else:
                 lo, hi = min(float(g.min()), 0.0), max(float(g.max()), 0.0)
@@ -38,16 +40,19 @@ def _reference_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_weight_fake_quant_matches_loop_reference(bits, group_size, symmetric):
+@pytest.mark.parametrize(("symmetric", "sym_grid"), [(False, "full"), (True, "full"), (True, "restricted")])
+def test_weight_fake_quant_matches_loop_reference(bits, group_size, symmetric, sym_grid):
     torch.manual_seed(bits * 100 + group_size)
     w = torch.randn(6, 256) * 0.05
-    qp = compute_qparams(w, bits, group_size, symmetric)
+    qp = compute_qparams(w, bits, group_size, symmetric, sym_grid=sym_grid)
     got = fake_quantize_weight(w, qp)
-    torch.testing.assert_close(got, _reference_fake_quant(w, bits, group_size, symmetric), rtol=0, atol=1e-7)
-    # error bound: half a step (symmetric); one step when the rounded zero point shifts the grid (asymmetric)
+    torch.testing.assert_close(got, _reference_fake_quant(w, bits, group_size, symmetric, sym_grid), rtol=0, atol=1e-7)
+    # error bound: half a step (symmetric; on the full grid the largest magnitude sits half a step past the last
+    # level, plus the float16 rounding of the scale: 2^-11 relative over 2^(b-1) steps); one step when the rounded
+    # zero point shifts the grid (asymmetric)
     step = qp.scale[:, torch.arange(256) // (256 if group_size == -1 else group_size)]
-    assert ((got - w).abs() <= step * (0.5 if symmetric else 1.0) + 1e-6).all()
+    bound = (0.5 + 2 ** (bits - 1) * 2.0**-11) if symmetric else 1.0
+    assert ((got - w).abs() <= step * bound + 1e-6).all()
 
 
 def test_ragged_last_group_is_quantized_on_its_own_channels():

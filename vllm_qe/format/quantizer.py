@@ -64,11 +64,12 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 SYMMETRIC_GRIDS = ("restricted", "full")
+DEFAULT_SYM_GRID = "full"  # all 2^b levels (measured: lower error than `restricted`, docs/algorithms.md)
 
 
 def compute_qparams(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0,
-    sym_grid: str = "restricted",
+    sym_grid: str = DEFAULT_SYM_GRID,
 ) -> WeightQuantParams:
     """Min-max parameters for `w` `[out, in]`, the range shrunk by `clip_ratio` (a float, or `[out, G]` per group).
 
@@ -93,7 +94,7 @@ def compute_qparams(
 
 
 def mse_clip_qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, sym_grid: str = "restricted",
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, sym_grid: str = DEFAULT_SYM_GRID,
     max_shrink: float = 0.2, grid: int = 20, norm: float = 2.4, column_weight: torch.Tensor | None = None,
 ) -> WeightQuantParams:
     """Per-group clipping searched on the quantization error: the ratio in `1, 1 - max_shrink/grid, …,
@@ -123,7 +124,7 @@ CLIPS = ("minmax", "mse")
 
 def choose_qparams(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "minmax", *,
-    sym_grid: str = "restricted", column_weight: torch.Tensor | None = None,
+    sym_grid: str = DEFAULT_SYM_GRID, column_weight: torch.Tensor | None = None,
 ) -> WeightQuantParams:
     """Group parameters of `w` `[out, in]`: min-max (`clip="minmax"`) or the per-group MSE-searched clipping
     (`clip="mse"`, `mse_clip_qparams`, weighted per input column by `column_weight` `[in]` when given)."""
