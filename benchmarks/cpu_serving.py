@@ -188,6 +188,54 @@ def adapters_microbench(repeats: int = 20) -> list[tuple[int, float, float]]:
     return rows
 
 
+def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float]]:
+    """Base GEMM of one 2B-width MLP projection (in 1536, out 8960, W4 g128 symmetric, bf16 activations):
+    (tokens, torch int4 GEMM ms, vLLM CPUWNA16 ms, bf16 `F.linear` ms), best of `repeats`."""
+    from unittest import mock
+
+    import torch
+    import vllm.model_executor.parameter as vparam
+    from vllm.model_executor.kernels.linear import CPUWNA16LinearKernel, MPLinearLayerConfig
+    from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+    from vllm.scalar_type import scalar_types
+
+    from vllm_qe.format.packing import pack
+
+    K, N, g = 1536, 8960, 128
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.int32)
+    s = (torch.rand(N, K // g, generator=gen) * 0.01 + 1e-3).bfloat16()
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([s.float().t(), torch.zeros(K // g, N)], -1).contiguous().bfloat16()
+    layer = torch.nn.Module()
+    with mock.patch.object(vparam, "get_tensor_model_parallel_rank", return_value=0), \
+            mock.patch.object(vparam, "get_tensor_model_parallel_world_size", return_value=1):
+        layer.weight_packed = PackedvLLMParameter(data=pack(q, 4), input_dim=1, output_dim=0, packed_dim=1,
+                                                  packed_factor=8, weight_loader=None)
+        layer.weight_scale = GroupQuantScaleParameter(data=s, output_dim=0, input_dim=1, weight_loader=None)
+    layer.bias = None
+    kernel = CPUWNA16LinearKernel(MPLinearLayerConfig((K, N), (K, N), scalar_types.uint4b8, torch.bfloat16, g,
+                                                      False), "weight_packed", "weight_scale", None)
+    with mock.patch.object(torch.cpu, "_is_amx_tile_supported", return_value=False):  # as the plugin sets it
+        kernel.process_weights_after_loading(layer)
+    dense = (torch.randn(N, K, generator=gen) * 0.02).bfloat16()
+    rows = []
+    for T in (1, 8, 128):
+        x = torch.randn(T, K, generator=gen).bfloat16()
+        times = []
+        for fn in (lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, g, sz),
+                   lambda x=x: kernel.apply_weights(layer, x), lambda x=x: torch.nn.functional.linear(x, dense)):
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            times.append(best * 1e3)
+        rows.append((T, *times))
+    return rows
+
+
 # -- driver ------------------------------------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,7 +294,7 @@ def write_table(a, meta: dict, results: dict) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    table = render(results, a, meta.get("qe_bits"), meta.get("load"), adapters_microbench())
+    table = render(results, a, meta.get("qe_bits"), meta.get("load"), adapters_microbench(), gemm_microbench())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(table)
     print(table)
@@ -254,7 +302,7 @@ def write_table(a, meta: dict, results: dict) -> int:
 
 
 def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
-           micro: list[tuple[int, float, float]]) -> str:
+           micro: list[tuple[int, float, float]], gemm: list[tuple[int, float, float, float]]) -> str:
     labels = list(results)
     fp, w4, qe = (results[k] for k in labels)
     # bf16 bytes of the quantized layers, 2·out·in each: vLLM's CPU bf16 linear hands its weights to oneDNN / sgl-kernel
@@ -304,6 +352,12 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
               "punica ops (`bgmv_shrink` + `bgmv_expand`, which gather every token's adapter weights).", "",
               "| tokens | masked (ms) | vLLM torch punica (ms) |", "|---|---|---|"]
     lines += [f"| {t} | {m:.3f} | {p:.3f} |" for t, m, p in micro] + [""]
+    lines += ["Base GEMM of one MLP projection (in 1536, out 8960, W4 g128, bf16), per call, best of 5, "
+              f"{a.threads} thread(s): torch's int4 GEMM (what the plugin runs on CPU) vs vLLM's CPUWNA16 "
+              "(`cpu_gemm_wna16`, generic path: AMX is off in every vLLM process here) vs bf16 `F.linear`. "
+              "torch's int4 GEMM is a decode kernel: at prefill sizes the bf16 GEMM is faster.", "",
+              "| tokens | torch int4 (ms) | vLLM CPUWNA16 (ms) | bf16 F.linear (ms) |", "|---|---|---|---|"]
+    lines += [f"| {t} | {i4:.2f} | {wna:.2f} | {bf:.2f} |" for t, i4, wna, bf in gemm] + [""]
     return "\n".join(lines)
 
 
