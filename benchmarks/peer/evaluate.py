@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -204,7 +205,15 @@ def main() -> int:
         kind, weights, bpw, args = read_checkpoint(ck)
         model = substituted_model(fixture, weights)
         lp_q = log_probs(model, chats)
-        check = fp_check = None
+        check = fp_check = reader_check = None
+        if kind == "compressed-tensors" and (ck / "peer_dense_weights.safetensors").is_file():
+            mem = load_file(str(ck / "peer_dense_weights.safetensors"))  # in-memory names, llm-compressor's venv
+            tail = {re.sub(r"^.*?(layers\.\d+\..+)$", r"\1", k): v for k, v in mem.items()}
+            mine = {re.sub(r"^.*?(layers\.\d+\..+)$", r"\1", k): v for k, v in weights.items()}
+            if tail.keys() != mine.keys():
+                raise RuntimeError(f"{ck}: modules in the files {sorted(mine)[:3]}... differ from those "
+                                   f"llm-compressor quantized in memory {sorted(tail)[:3]}...")
+            reader_check = max(float((tail[k] - mine[k]).abs().max()) for k in mine)
         if kind == "compressed-tensors" and a.calib_chats and (ck / "peer_fp_logits_chat0.safetensors").is_file():
             theirs = load_file(str(ck / "peer_fp_logits_chat0.safetensors"))["logits"]
             with torch.no_grad():
@@ -223,6 +232,7 @@ def main() -> int:
             "bpw": sum(v[0] for v in bpw.values()) / n_weights, "n_weights": n_weights,
             "bpw_16bit_floats": sum(v[1] for v in bpw.values()) / n_weights,
             "fakequant_max_abs_logprob_diff": check, "fp_logits_other_venv_max_abs_diff": fp_check,
+            "reader_vs_llmc_in_memory_max_abs_diff": reader_check,
         }
         r = results[str(ck)]
         print(f"{ck.name}: KL {sum(r['kl_sum']) / sum(r['positions']):.5f}  top-1 "

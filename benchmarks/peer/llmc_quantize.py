@@ -99,6 +99,9 @@ def main() -> int:
             shuffle_calibration_samples=False, sequential_targets=[layer_cls])
     t2 = time.time()
     quantized = sorted(n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None)
+    # After GPTQ each quantized module's `weight` holds its quantize-dequantized values: kept so the evaluator can
+    # check its own reader of the packed files against them.
+    dense = {n: model.get_submodule(n).weight.detach().float().contiguous().clone() for n in quantized}
     model.save_pretrained(a.out, save_compressed=True)
     t3 = time.time()
     seen = sorted(set(fed))
@@ -115,6 +118,7 @@ def main() -> int:
     }
     (Path(a.out) / "peer_run.json").write_text(json.dumps(report, indent=1))
     save_file({"logits": fp_logits0}, str(Path(a.out) / "peer_fp_logits_chat0.safetensors"))
+    save_file(dense, str(Path(a.out) / "peer_dense_weights.safetensors"))
     print(json.dumps(report["seconds"]))
     return 0
 

@@ -139,20 +139,23 @@ def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ig
     for pat in ignore:
         cli += ["--ignore", pat]
     report = out.with_name(out.name + ".peer.json")
+    code = git_state()
     if reuse and report.is_file() and (out / "vllm_qe_report.json").is_file():
         r = json.loads(report.read_text())
         if r["cli_args"] == cli and r["identity"].get("verified"):
             proj = json.loads((out / "vllm_qe_report.json").read_text())
             return {"process_seconds": r.get("process_seconds"), "span_seconds": proj["seconds"],
-                    "identity": r["identity"], "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": True}
+                    "identity": r["identity"], "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": True,
+                    "code": r.get("code")}
     wall = sh([py, str(HERE / "project_calibrate.py"), "--chats", str(calib), "--report", str(report), "--", *cli],
               logs / f"vllm-qe-{setting}.log")
     r = json.loads(report.read_text())
     r["process_seconds"] = round(wall, 2)
+    r["code"] = code if code == git_state() else f"changed during the run (started at {code})"
     report.write_text(json.dumps(r, indent=1))
     proj = json.loads((out / "vllm_qe_report.json").read_text())
     return {"process_seconds": round(wall, 2), "span_seconds": proj["seconds"], "identity": r["identity"],
-            "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": False}
+            "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": False, "code": r["code"]}
 
 
 def run_llmc(venv: Path, fixture: Path, out: Path, setting: str, ignore: list[str], calib: Path, calib_sha: str,
@@ -219,11 +222,21 @@ def fmt_ci(ci: tuple[float, float], digits: int | None = None) -> str:
 
 
 def git_state() -> str:
+    """HEAD, plus a fingerprint of uncommitted changes to the project's code (others edit the shared tree)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "calibration", "vllm_qe", "kernels"],
-                           capture_output=True, text=True, cwd=REPO).stdout.strip()
-    return head.stdout.strip() + (f" + uncommitted changes in {len(dirty.splitlines())} project file(s)"
-                                  if dirty else "")
+    paths = ["--", "calibration", "vllm_qe", "kernels"]
+    dirty = subprocess.run(["git", "status", "--porcelain", *paths], capture_output=True, text=True,
+                           cwd=REPO).stdout.strip()
+    if not dirty:
+        return head.stdout.strip()
+    diff = subprocess.run(["git", "diff", "HEAD", *paths], capture_output=True, cwd=REPO).stdout
+    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", *paths], capture_output=True,
+                               text=True, cwd=REPO).stdout.split()
+    h = hashlib.sha256(diff)
+    for f in sorted(untracked):
+        h.update((REPO / f).read_bytes())
+    return (f"{head.stdout.strip()} + uncommitted changes in {len(dirty.splitlines())} project file(s) "
+            f"(diff sha256 {h.hexdigest()[:10]})")
 
 
 def write_doc(path: Path, command: str, rows: list[dict], fixtures: dict, versions: dict, params: str,
@@ -231,14 +244,15 @@ def write_doc(path: Path, command: str, rows: list[dict], fixtures: dict, versio
     lines = [
         "# Peer comparison: vllm-qe GPTQ vs llm-compressor GPTQ",
         "",
-        "Regenerate (about 30 min on 2 shared cores from nothing, about 10 min when the venv, fixtures and",
-        "llm-compressor checkpoints are cached under `runs/peer`):",
+        "Regenerate (on 2 shared cores: about 20 min with the venv and fixtures cached under `runs/peer` and",
+        "`/work/venvs/llmc`, plus about 10 min to build them the first time):",
         "",
         "```bash",
         command,
         "```",
         "",
-        f"Run started {started} UTC; project at {versions['project_git']}; vllm-qe `--method-params {params}`.",
+        f"Run started {started} UTC; project code at {versions['project_git']} (a row whose vllm-qe run saw "
+        f"other code says so under Checks); vllm-qe `--method-params {params}`.",
         f"llm-compressor venv: llmcompressor {versions['llmc']['llmcompressor']}, compressed-tensors "
         f"{versions['llmc']['compressed_tensors']}, transformers {versions['llmc']['transformers']}, torch "
         f"{versions['llmc']['torch']}; project venv: transformers {versions['project']['transformers']}, torch "
@@ -438,8 +452,13 @@ def main() -> int:
             if e_l.get("fp_logits_other_venv_max_abs_diff") is not None:
                 checks.append(f"FP logits, llm-compressor venv vs project venv: max |Δ| "
                               f"{e_l['fp_logits_other_venv_max_abs_diff']:.1e}")
+            if e_l.get("reader_vs_llmc_in_memory_max_abs_diff") is not None:
+                checks.append(f"our compressed-tensors reader vs llm-compressor's in-memory weights: max |Δ| "
+                              f"{e_l['reader_vs_llmc_in_memory_max_abs_diff']:.1e}")
             if ps["llmc"].get("cached"):
                 checks.append("llm-compressor checkpoint and timing reused from an earlier run")
+            if ps["vllm_qe"].get("code") and ps["vllm_qe"]["code"] != versions["project_git"]:
+                checks.append(f"vllm-qe code at this row: {ps['vllm_qe']['code']}")
             if ps["vllm_qe"].get("cached"):
                 checks.append("vllm-qe checkpoint and timing reused from an earlier run (--reuse-vllm-qe)")
             bq = bootstrap(e_q, e_l)
