@@ -111,7 +111,8 @@ class GPTQConfig:
     field is a keyword of `gptq_quantize`."""
 
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    actorder: Literal["none", "static"] = "none"  # column order (gptq_quantize); `group` is not in format v1
+    # column order (gptq_quantize): static by default (measured, docs/algorithms.md); `group` is not in format v1
+    actorder: Literal["none", "static"] = "static"
 
 
 @register

@@ -32,18 +32,22 @@ class QEParams:
     num_routed: int = 8  # N_r [S]
     shared_rank: int = 32  # r_s [S]
     routed_rank: int = 32  # r_r [S]
-    # the base under the experts (compose.BASES); auto = smoothquant with activation quantization, else rtn
+    # the base under the experts (compose.BASES); auto = smoothquant with activation quantization, else gptq
     base: Literal["auto", "rtn", "gptq", "veq", "smoothquant", "awq"] = "auto"
     alpha: float = 0.5  # SmoothQuant migration strength
-    exempt_shared: bool = True  # C_s columns exempt from direct quantization [S]
+    # C_s columns exempt from direct quantization [S]; off by default: measured worse at equal bytes (the base
+    # loses those columns and a small adapter cannot give them back; issue 11, docs/algorithms.md)
+    exempt_shared: bool = False
     mix: float = 0.1  # weight of the global Gram matrix in each routed expert's fit (regulariser) [I]
     refine_steps: int = 0  # optional AdamW refinement of routed experts + router (0 = off) [S]
     refine_lr: float = 1e-4
     refine_seconds: float = 30.0  # wall-clock bound per layer
     seed: int = 0
-    adapter_bpw: float = -1.0  # >= 0: ranks from this budget in bits per weight per layer group (budget.py)
+    # >= 0: ranks from this budget in bits per weight per layer group (budget.py); < 0: the explicit ranks above
+    # (given `shared_rank` / `routed_rank` without `adapter_bpw` select them: `QuantExperts.parse_params`)
+    adapter_bpw: float = 0.25
     routed_share: float = 0.5  # with adapter_bpw: the budget's share spent on routed experts (+ router)
-    guard_adapters: bool = False  # keep an adapter only where it lowers the layer's calibration loss
+    guard_adapters: bool = True  # keep an adapter only where it lowers the layer's calibration loss
     expert_rank: int = 8  # MoE experts: one shared low-rank expert of this rank per expert projection [I]
     gamma: float = 1.0  # only read by the calibration API when no gradient pass gives γ
 
@@ -300,7 +304,20 @@ class QuantExperts(Algorithm):
 
     @property
     def adapters(self) -> AdapterScheme:
+        """The checkpoint's default adapters: the explicit ranks, or none under a byte budget (every layer group
+        then gets its own ranks as an override, `adapters_for`)."""
+        if self.p.adapter_bpw >= 0:
+            return AdapterScheme()
         return AdapterScheme(self.p.shared_rank, self.p.num_routed, self.p.routed_rank if self.p.num_routed else 0)
+
+    @classmethod
+    def parse_params(cls, params: dict | None) -> QEParams:
+        """As `Algorithm.parse_params`; explicit ranks (`shared_rank` / `routed_rank`) without an `adapter_bpw`
+        mean those ranks, not the default byte budget."""
+        params = dict(params or {})
+        if ("shared_rank" in params or "routed_rank" in params) and "adapter_bpw" not in params:
+            params["adapter_bpw"] = -1.0
+        return super().parse_params(params)
 
     def adapters_for(self, in_features: int, out_features: list[int]) -> AdapterScheme:
         """With `adapter_bpw >= 0` the largest ranks within that budget on this layer group (`budget.py`);
@@ -325,11 +342,12 @@ class QuantExperts(Algorithm):
         return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k, affinity=self.p.base == "veq")
 
     def recipe(self, scheme: ModuleScheme) -> Recipe:
-        """The base under the experts: `auto` smooths (SmoothQuant) only when activations are quantized; `veq` is
-        GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)."""
+        """The base under the experts: `auto` is SmoothQuant when activations are quantized, else GPTQ (so QE is
+        GPTQ plus adapters that never raise a layer's loss); `veq` is GPTQ on the experts' affinity-weighted
+        Hessian (plain GPTQ elsewhere)."""
         b = self.p.base
         if b == "auto":
-            b = "smoothquant" if scheme.activation is not None else "rtn"
+            b = "smoothquant" if scheme.activation is not None else "gptq"
         smoothing, quantizer = BASES[b]
         return Recipe(smoothing, quantizer, alpha=self.p.alpha, clip=self.clip)
 
