@@ -146,13 +146,13 @@ def tensor_corruptions(src: Path, names: list[str], kinds: tuple[str, ...], rng:
                     if suffix in ("weight_scale", "smooth_scale"):
                         bad += [0.0, -1.0]
                     val = rng.choice(bad)
-                elif name.endswith(".weight_zero_point"):
-                    val = 255  # >= 2^bits for the 4-bit fixtures
-                elif name.endswith(".weight_shape"):
-                    val = int(t.load()[0]) + rng.choice((-1, 1, 32))
+                elif name.endswith((".weight_zero_point", ".weight_shape")):
+                    val = 255  # zero point >= 2^bits for the 4-bit fixtures (weight_shape: set below)
                 else:
                     continue  # packed integers: every bit pattern is a valid code (tolerated, not a corruption)
                 pos = rng.randrange(max(t.numel(), 1))
+                if name.endswith(".weight_shape"):
+                    val = int(t.load()[pos]) + rng.choice((-1, 1, 32))
                 fn = lambda d, n=name, v=val, p=pos: d[n].view(-1).__setitem__(p, v)  # noqa: E731
             out.append(Corruption(f"{kind} {name}", _on(fname, fn), "", mentions))
     return out
