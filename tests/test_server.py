@@ -303,6 +303,7 @@ def test_concurrent_valid_and_malformed_requests(server, black_hole):
     assert server.alive(), "server process died"
 
     report = "\n".join(f"{n}: {o.status} {o.seconds:.1f}s {o.message[:160]!r}" for n, o in got.items())
+    print(report)  # pytest -rP shows it: status, latency and message of every request
     assert all(o.status < 500 for o in got.values()), f"5xx answers:\n{report}"
     for name in valid:
         assert got[name].status == 200 and got[name].content, f"{name}:\n{report}"

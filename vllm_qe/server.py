@@ -64,6 +64,8 @@ def install() -> None:
         why = _fetch_failure(url, exc)
         if why is None:
             return exc
+        # vLLM's sanitize_message (applied to every error message) still replaces path-like parts of a URL with
+        # `<path>` (`http://h:1/a/b.png` -> `http://h:1<path>`): scheme, host and port always survive.
         return VLLMUnprocessableEntityError(f"Failed to fetch media from URL {url}: {why}", parameter="image_url",
                                             value=url)
 
@@ -179,3 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__":
+    # A process spawned by vLLM from this entry point (e.g. the extra API servers of --api-server-count N)
+    # re-imports this module as `__mp_main__` and never calls main(): patch the media fetch there too.
+    install()
