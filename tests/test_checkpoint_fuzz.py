@@ -12,10 +12,12 @@ floating dtype (loaders cast it to the model dtype: the answer is a deterministi
 and config changes that leave every module's effective scheme and the module list unchanged (informational fields:
 `algorithm`, `ignore`, deleting `storage`) — checked here by comparing the effective schemes.
 
-Fast tier: a seeded sample of tensors per checkpoint (every corruption kind, every tensor class) plus every config
-field and every file corruption, through the validator only. `-m slow`: every tensor x every corruption kind.
-vLLM tier: representative corruptions through vLLM's load path — the same one line, before the engine starts.
-Set VLLM_QE_FUZZ_SEED to draw another sample.
+Tiers (tests/conftest.py): the checkpoints are calibrated by the API, so these are `integration` tests —
+validator only: a seeded sample of tensors per checkpoint (every corruption kind, every tensor class) plus every
+config field and every file/index corruption; `-m "slow and integration"`: every tensor x every corruption kind;
+`vllm`: representative corruptions through vLLM's load path — the same one line, before the engine starts, and a
+tolerated one answered identically twice. The format-level cases on a toy model are in test_format.py (fast
+tier). Set VLLM_QE_FUZZ_SEED to draw another sample.
 """
 
 from __future__ import annotations

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -237,16 +235,17 @@ def test_recorded_storage_must_match_the_files(tmp_path):
         ckpt.inspect_checkpoint(out)
 
 
-def test_inspect_cli_exit_codes(tmp_path):
+def test_inspect_cli_exit_codes(tmp_path, capsys):
+    from vllm_qe.cli import main
+
     out = _write(tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "vllm_qe.calibration.cli", "inspect", str(out), "--modules"],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0 and "2 quantized" in ok.stdout and "4.750 bpw" in ok.stdout
+    assert main(["inspect", str(out), "--modules"]) == 0
+    text = capsys.readouterr().out
+    assert "2 quantized" in text and "4.750 bpw" in text
     _corrupt(out, lambda t: t.pop(f"{OPROJ}.bias"))
-    bad = subprocess.run([sys.executable, "-m", "vllm_qe.calibration.cli", "inspect", str(out)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == [f"invalid checkpoint: {OPROJ}.bias: missing (the model expects float32 [64])"]
+    assert main(["inspect", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"invalid checkpoint: {OPROJ}.bias: missing (the model expects float32 [64])"]
 
 
 STEPS = ["tensors", "validated", "config", "unmarked", "moved_aside", "renamed"]
@@ -290,12 +289,13 @@ def test_a_kill_at_any_step_leaves_nothing_that_passes_for_a_checkpoint(tmp_path
     assert ckpt.read_qe_config(tmp_path / "ckpt").adapters.shared_rank == 0
 
 
-def test_unfinished_folder_is_refused_by_the_cli(tmp_path):
+def test_unfinished_folder_is_refused_by_the_cli(tmp_path, capsys):
+    from vllm_qe.cli import main
+
     out = _write(tmp_path)
     (out / INCOMPLETE_MARKER).write_text("")
-    bad = subprocess.run([sys.executable, "-m", "vllm_qe.calibration.cli", "inspect", str(out)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1 and "an unfinished write" in bad.stderr
+    assert main(["inspect", str(out)]) == 1
+    assert "an unfinished write" in capsys.readouterr().err
 
 
 def test_writer_is_atomic_when_interrupted(tmp_path, monkeypatch):
