@@ -139,6 +139,8 @@ def test_media_fetch_failures_are_client_errors(monkeypatch, black_hole):
         assert seconds < 1 + FETCH_SLACK_S, seconds
     err, _ = asyncio.run(fetch("data:image/png,abc"))
     assert isinstance(err, ValueError) and "base64" in str(err), repr(err)
+    err, _ = asyncio.run(fetch("data:image/png;base64,@@not*base64!!"))
+    assert isinstance(err, ValueError) and "data URL 'data:image/png;base64,@@" in str(err), repr(err)
     with pytest.raises(ValueError, match="allowed-local-media-path"):
         MediaConnector().fetch_image("file:///etc/hostname")
 
@@ -274,7 +276,7 @@ def test_concurrent_valid_and_malformed_requests(server, black_hole):
                                                {"type": "text", "text": "Compare."}]}]
     # name -> (request, expected status, words the message must contain)
     malformed = {
-        "bad_base64": (bad("data:image/png;base64,@@not*base64!!"), 400, ["base64"]),
+        "bad_base64": (bad("data:image/png;base64,@@not*base64!!"), 400, ["data url", "base64"]),
         "not_an_image": (bad("data:image/png;base64,bm90IGFuIGltYWdl"), 400, ["image"]),
         "long_prompt": (bad(img, "red " * 3000), 400, ["1024"]),
         "dead_url": (bad(black_hole), 422, [black_hole, "timeout"]),

@@ -18,6 +18,7 @@ else is vLLM's `api_server` main, unchanged. The fetch time bound itself is vLLM
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
 import sys
@@ -73,7 +74,8 @@ def install() -> None:
     connector._wrap_media_fetch_error = wrap_media_fetch_error
 
     # file:// without --allowed-local-media-path raises RuntimeError (-> 500); non-base64 data: URLs raise
-    # NotImplementedError (-> 501). Both are the request's fault: re-raise them as ValueError (-> 400).
+    # NotImplementedError (-> 501). Both are the request's fault: re-raise them as ValueError (-> 400). A bad base64
+    # payload is already a 400; its message gets the URL's head.
     cls = connector.MediaConnector
     for name in ("_load_file_url", "_load_data_url"):
         fn = getattr(cls, name)
@@ -85,6 +87,8 @@ def install() -> None:
                 return _fn(self, *args, **kwargs)
             except (RuntimeError, NotImplementedError) as e:
                 raise ValueError(str(e)) from e
+            except binascii.Error as e:  # a data URL's payload (vLLM's message: "Non-base64 digit found")
+                raise ValueError(f"Invalid data URL {str(args[0])[:32]!r}...: not valid base64 ({e})") from e
 
         as_value_error._vllm_qe = True  # type: ignore[attr-defined]
         setattr(cls, name, as_value_error)
