@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.helpers.compare import assert_same, make_requests, run_transformers, run_vllm
+from tests.helpers.compare import assert_greedy_close, assert_same, make_requests, run_transformers, run_vllm
 from vllm_qe.calibration.fakequant import load_fake_quant_model
 
 pytestmark = pytest.mark.vllm
@@ -42,6 +42,59 @@ def test_vllm_matches_fake_quant_transformers(arch, method, cfg, quantized_dir, 
     v = run_vllm(ckpt, reqs, tmp_path)
     h = run_transformers(load_fake_quant_model(ckpt), ckpt, reqs)
     assert_same(v, h, LOGPROB_ATOL)
+
+
+# bf16: every GEMM input and output is rounded to 8 mantissa bits (vLLM's kernels, the reference's activations);
+# on these tiny random models the logprobs then move by a few 1e-2.
+BF16_LOGPROB_ATOL = 0.25
+BF16_NEAR_TIE = 0.25
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("arch, method, cfg, compiled", [
+    ("qwen2_vl", "rtn", dict(wbits=4, abits=None), True),  # vLLM's CPUWNA16 for every layer
+    ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL), True),  # + smoothing, adapters, router
+    ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL), False),  # torch int4pack (3-bit in 4)
+    ("qwen3_vl_moe", "rtn", dict(wbits=4, abits=None), False),  # experts in int4pack
+    ("qwen3_vl_moe", "qe", dict(wbits=4, abits=None, method_params={**QE_SMALL, "base": "veq"}), True),
+])
+def test_vllm_bf16_matches_bf16_reference(arch, method, cfg, compiled, quantized_dir, tmp_path):
+    """The serving default on CPU is bf16 with vLLM's default compilation (no enforce_eager: the plugin's forward
+    is traced; `compiled` runs, dense and MoE, check that, the others run eager to save time). Greedy tokens = the
+    fake-quant transformers model run in bf16 (up to near ties), and the quantized layers stay packed: resident
+    bytes (measured in the worker through `LLM.apply_model`) at most 40 % of their bf16 size plus the adapters'
+    own bf16 bytes (rtn: no adapters, so <= 40 % flat; a dequantized copy would be >= 100 %)."""
+    import torch
+
+    ckpt = quantized_dir(arch, method, **cfg)
+    reqs = make_requests(ckpt, tmp_path)
+    out = run_vllm(ckpt, reqs, tmp_path, dtype="bfloat16", eager=not compiled, resident=True, timeout=1500)
+    resident = out.pop()["resident"][0]
+    h = run_transformers(load_fake_quant_model(ckpt, dtype=torch.bfloat16), ckpt, reqs)
+    assert_greedy_close(out, h, BF16_NEAR_TIE, BF16_LOGPROB_ATOL)
+    assert "ReferenceKernel" not in resident["kernels"] and "ReferenceMoE" not in resident["kernels"], resident
+    adapters = _adapter_bf16_bytes(ckpt)
+    assert resident["quantized"] <= 0.40 * resident["bf16"] + adapters, (resident, adapters)
+
+
+def _adapter_bf16_bytes(ckpt) -> int:
+    """bf16 bytes of the checkpoint's adapters (routers counted as float32, as served)."""
+    from safetensors import safe_open
+
+    from vllm_qe.format import spec
+
+    total = 0
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                suffix = k.rsplit(".", 1)[-1]
+                if suffix in (spec.SHARED_A, spec.SHARED_B, spec.ROUTED_A, spec.ROUTED_B, spec.ROUTER):
+                    n = st.get_slice(k).get_shape()
+                    numel = 1
+                    for d in n:
+                        numel *= d
+                    total += numel * (4 if suffix == spec.ROUTER else 2)
+    return total
 
 
 def _without_tensor(src, name: str, tmp_path):
