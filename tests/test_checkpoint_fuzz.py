@@ -476,6 +476,7 @@ def test_vllm_refuses_corruptions_with_the_validator_line_before_the_engine_star
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two full vLLM runs
 def test_vllm_answers_a_tolerated_corruption_identically_twice(checkpoints, tmp_path):
     """The final norm stored in float16 (a tolerated cast): two vLLM loads give the same tokens and logprobs."""
     from tests.helpers.compare import make_requests, run_vllm
