@@ -91,8 +91,11 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     if plan.needs_gradients:
         starts = [build_inputs(processor, r["image"], r["question"])["input_ids"].shape[1] if r["answer"] else None
                   for r in ds]
-        grads = gradient_pass(model, plan.chains, samples, starts, img_tok, config.token_importance or "gradnorm",
-                              plan.scheme_of, reducer)
+        grads = store.load_gradients()  # a resumed run reuses the first run's (its model is partly quantized)
+        if grads is None:
+            grads = gradient_pass(model, plan.chains, samples, starts, img_tok,
+                                  config.token_importance or "gradnorm", plan.scheme_of, reducer)
+            store.save_gradients(grads)
         block.token_weights = grads.token_weight if config.token_importance else {}
         block.unit_ratio = grads.vision_text_ratio
         block.gamma = grads.gamma

@@ -72,6 +72,12 @@ class Replay:
         return outs
 
 
+class DeltaStore(Protocol):
+    def save_deltas(self, chain_index: int, deltas: list[list[torch.Tensor | None]]) -> None: ...
+
+    def load_deltas(self, chain_index: int) -> list[list[torch.Tensor | None]] | None: ...
+
+
 class Step(Protocol):
     def __call__(self, name: str, unit: torch.nn.Module, replay: Replay, *, next_unit: int,
                  last_in_chain: bool) -> ActivationStore: ...
@@ -141,17 +147,23 @@ class LayerLoop:
 
     def run(self, chains: list[Chain], samples: list[dict[str, torch.Tensor]],
             masks_of: Callable[[Chain, dict[str, torch.Tensor]], torch.Tensor], step: Step, *,
-            start: int = 0, start_hidden: ActivationStore | None = None) -> None:
+            start: int = 0, start_hidden: ActivationStore | None = None, deltas: DeltaStore | None = None) -> None:
         """Every unit of `chains` in order through `step`; units before `start` (resumed progress) are skipped,
-        `start_hidden` being the outputs of the last of them when `start` is inside a chain."""
+        `start_hidden` being the outputs of the last of them when `start` is inside a chain. `deltas` keeps each
+        chain's between-block additions from its first capture, and a run resumed inside a chain uses those
+        (a capture through already-quantized blocks measures them with other rounding)."""
         total = sum(len(c.units) for c in chains)
         bar = tqdm(total=total, desc="calibrating", unit="block", disable=not self.progress, initial=start)
         index = 0
-        for chain in chains:
+        for chain_index, chain in enumerate(chains):
             if index + len(chain.units) <= start:
                 index += len(chain.units)
                 continue
-            calls, deltas, hiddens = self.capture(chain, samples)
+            calls, added, hiddens = self.capture(chain, samples)
+            if deltas is not None and start > index:
+                added = deltas.load_deltas(chain_index) or added
+            elif deltas is not None and any(d is not None for ds in added for d in ds):
+                deltas.save_deltas(chain_index, added)
             masks = [masks_of(chain, s) for s in samples]
             for i, (name, unit) in enumerate(chain.units):
                 if index < start:
@@ -159,15 +171,15 @@ class LayerLoop:
                     if index == start and start_hidden is not None:
                         hiddens = start_hidden
                     continue
-                if i > 0 and any(d is not None for d in deltas[i]):  # the model's own between-block additions
+                if i > 0 and any(d is not None for d in added[i]):  # the model's own between-block additions
                     shifted = self.store()
-                    for h, d in zip(hiddens, deltas[i]):
+                    for h, d in zip(hiddens, added[i]):
                         shifted.append(h if d is None else h + d)
                     hiddens = shifted
                 bar.set_postfix_str(name)
                 hiddens = step(name, unit, Replay(self, unit, calls[i], hiddens, masks), next_unit=index + 1,
                                last_in_chain=i == len(chain.units) - 1)
-                calls[i], deltas[i] = [], []  # free this block's cached inputs
+                calls[i], added[i] = [], []  # free this block's cached inputs
                 index += 1
                 bar.update(1)
         bar.close()

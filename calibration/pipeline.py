@@ -59,7 +59,7 @@ def calibrate_blocks(model: torch.nn.Module, chains: list[Chain], samples: list[
 
     loop = LayerLoop(model, max_activation_mib=max_activation_mib, spill_dir=spill_dir, progress=progress)
     loop.run(chains, samples, lambda c, s: vision_mask(c, s, image_token), step,
-             start=saved.next_unit if saved else 0, start_hidden=saved.hidden if saved else None)
+             start=saved.next_unit if saved else 0, start_hidden=saved.hidden if saved else None, deltas=store)
     return block.results
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from vllm_qe.calibration.activations import ActivationStore
+from vllm_qe.calibration.gradients import GradientStats
 from vllm_qe.calibration.reduce import Reducer
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.spec import ModuleScheme
@@ -70,6 +71,64 @@ class ResumeStore:
                 raise ValueError(f"{self.folder}: saved progress is inside a chain but {hdir.name} is missing")
             hidden = ActivationStore.of_files(sorted(hdir.glob("*.safetensors")))
         return Progress(int(prog["next_unit"]), dict(prog["file_of_unit"]), dict(prog["layer_errors"]), hidden)
+
+    def save_gradients(self, grads: GradientStats) -> None:
+        """Keep the gradient pass's results (this rank's token weights, the all-reduced ratios): a resumed run
+        must not recompute them on a model whose first blocks are already quantized."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{unit}/{i}": w.contiguous() for unit, ws in grads.token_weight.items() for i, w in enumerate(ws)}
+        meta = {"vision_text_ratio": grads.vision_text_ratio, "gamma": grads.gamma, "sums": grads.sums,
+                "token_weight_units": {u: len(ws) for u, ws in grads.token_weight.items()}}
+        path = self._gradients_file(self.reducer.rank)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"gradients": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    def load_gradients(self) -> GradientStats | None:
+        """The saved gradient-pass results of this rank (None: not saved yet)."""
+        from safetensors import safe_open
+
+        path = self._gradients_file(self.reducer.rank)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["gradients"])
+            weights = {u: [f.get_tensor(f"{u}/{i}") for i in range(n)] for u, n in meta["token_weight_units"].items()}
+        return GradientStats(token_weight=weights, vision_text_ratio=meta["vision_text_ratio"], gamma=meta["gamma"],
+                             sums=meta["sums"])
+
+    def save_deltas(self, chain_index: int, deltas: list[list[torch.Tensor | None]]) -> None:
+        """Keep a chain's between-block additions as its first capture measured them (`deltas[unit][sample]`,
+        None = nothing added): a run resumed inside the chain captures through already-quantized blocks, and
+        the difference `input − previous output` then differs in its last bits."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{u}/{i}": d.contiguous() for u, ds in enumerate(deltas) for i, d in enumerate(ds) if d is not None}
+        path = self._deltas_file(chain_index, self.reducer.rank)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"shape": json.dumps([len(ds) for ds in deltas])})
+        os.replace(tmp, path)
+
+    def load_deltas(self, chain_index: int) -> list[list[torch.Tensor | None]] | None:
+        """The saved additions of chain `chain_index` (None: none were saved — the chain adds nothing)."""
+        from safetensors import safe_open
+
+        path = self._deltas_file(chain_index, self.reducer.rank)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            return [[f.get_tensor(f"{u}/{i}") if f"{u}/{i}" in keys else None for i in range(n)]
+                    for u, n in enumerate(json.loads(f.metadata()["shape"]))]
+
+    def _deltas_file(self, chain_index: int, rank: int) -> Path:
+        return self.folder / f"deltas-chain{chain_index}-rank{rank}.safetensors"
+
+    def _gradients_file(self, rank: int) -> Path:
+        return self.folder / f"gradients-rank{rank}.safetensors"
 
     def _hidden_dir(self, next_unit: int, rank: int) -> Path:
         """Outputs of the block before `next_unit` on `rank`: one safetensors file per sample (read lazily)."""
