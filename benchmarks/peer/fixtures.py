@@ -6,12 +6,12 @@ chat template) and `fixture.json` (spec + training log); a folder whose fixture.
 Why this init and training: with the project's tiny-model init (N(0, 0.02) everywhere) the next-token
 distributions are nearly uniform and every layer's output is small against the residual stream, so weight
 quantization hardly moves the logits; even after 200 training steps RTN W4 g128 gave KL 1e-4 nats and GPTQ
-1e-5..1e-6 (measured on the held-out chats), too little to rank quantizers. The fixtures therefore use
+1e-6..3e-5 (measured on the held-out chats), too little to rank quantizers. The fixtures therefore use
 matrices N(0, gain^2 / fan_in) with gain 0.5 and embeddings N(0, 0.3^2): untrained, next-token entropy is about
 1.1 nats and RTN W4 g128 KL about 0.08. `qwen2_5_vl-odd` is then trained briefly (next-token loss on every text
 token of generated VQA chats from the project's task generator, a split disjoint from calibration and
 evaluation): entropy 0.48 nats, RTN W4 KL 0.005, W3 0.02, a model that has learned the task. `qwen2_vl-256`
-stays random-init (more sensitive): the two kinds bracket what a real model does.
+stays random-init (more sensitive to weight error): two different kinds of fixture, neither a real model.
 """
 
 from __future__ import annotations
