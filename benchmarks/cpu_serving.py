@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_LAYERS, REAL_VOCAB = 28, 151936
+LABELS = ("bf16 (stock vLLM)", "W4 g128 (vllm-qe)", "W4 g128 + QE (vllm-qe)")
 QE_ADAPTERS = {"shared_rank": 4, "num_routed": 4, "routed_rank": 4, "top_k": 1}
 
 
@@ -108,6 +109,7 @@ def add_qe_adapters(rtn: Path, out: Path, seed: int = 0) -> tuple[Path, float]:
     wmap.update({k: shard for k in tensors})
     index.write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
     qc["adapters"], qc["smooth"] = dict(a), True
+    qc.pop("storage", None)  # the informational bits-per-weight record of the RTN files no longer holds
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out, adapter_bits / weights
 
@@ -248,6 +250,8 @@ def main() -> int:
                    help="OpenMP threads of the vLLM worker (bound to cores 0..N-1; default 1: on a machine shared "
                         "with other jobs, a 2-thread barrier waits for a descheduled thread on every op)")
     p.add_argument("--render-only", action="store_true", help="re-render OUT from WORKDIR/results.json")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep variants whose WORKDIR/result-N.json exists (continue an interrupted run)")
     p.add_argument("--variant", nargs=3, metavar=("CKPT", "QUANTIZED", "JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.variant:  # child process: one engine
@@ -259,19 +263,26 @@ def main() -> int:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if a.render_only:
-        saved = json.loads((work / "results.json").read_text())
-        return write_table(a, saved.pop("_meta", {}), saved)
+        if (work / "results.json").exists():
+            saved = json.loads((work / "results.json").read_text())
+            return write_table(a, saved.pop("_meta", {}), saved)
+        done = {label: json.loads((work / f"result-{i}.json").read_text()) for i, label in enumerate(LABELS)
+                if (work / f"result-{i}.json").exists()}
+        return write_table(a, {}, done)
     t0 = time.time()
     model = build_model(work / f"qwen2vl-2b-widths-l{a.layers}", a.layers)
     rtn = quantize_rtn(model, work / f"{model.name}-rtn-w4g128")
     qe, qe_bits = add_qe_adapters(rtn, work / f"{model.name}-rtn-w4g128-qe")
     print(f"checkpoints ready in {time.time() - t0:.0f}s; QE adapters {qe_bits:.3f} bit/weight", flush=True)
-    variants = {"bf16 (stock vLLM)": (model, False), "W4 g128 (vllm-qe)": (rtn, True),
-                "W4 g128 + QE (vllm-qe)": (qe, True)}
+    variants = dict(zip(LABELS, [(model, False), (rtn, True), (qe, True)]))
     results = {}
     load = [os.getloadavg()[0]]
     for label, (ckpt, quantized) in variants.items():
         out = work / f"result-{len(results)}.json"
+        if a.reuse and out.exists():
+            results[label] = json.loads(out.read_text())
+            print(f"[{label}] reusing {out}", flush=True)
+            continue
         cmd = [sys.executable, __file__, "--variant", str(ckpt), "1" if quantized else "0", str(out),
                "--repeats", str(a.repeats)] + (["--eager"] if a.eager else [])
         # no compile cache: its key does not cover the plugin's code, a stale graph could be replayed
@@ -303,8 +314,10 @@ def write_table(a, meta: dict, results: dict) -> int:
 
 def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
            micro: list[tuple[int, float, float]], gemm: list[tuple[int, float, float, float]]) -> str:
-    labels = list(results)
-    fp, w4, qe = (results[k] for k in labels)
+    labels = list(LABELS)
+    missing = {"summary": {"kernels": "not run", "layers": 0}, "quantized": {}}
+    fp, w4, qe = (results.get(k, missing) for k in labels)
+    results = {k: results.get(k, missing) for k in labels}
     # bf16 bytes of the quantized layers, 2·out·in each: vLLM's CPU bf16 linear hands its weights to oneDNN / sgl-kernel
     # (prepacked, outside the module's parameters), so the stock model's parameters do not show them.
     fp_q = sum(ref for _, ref in w4["quantized"].values())
@@ -325,12 +338,14 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
     rows.append(("engine startup (s)", lambda r: f"{r['startup_s']:.0f}"))
     lines = ["# CPU serving: FP bf16 (stock vLLM) vs W4 g128 (vllm-qe) vs W4 + QE adapters", "",
              f"Command: `python benchmarks/cpu_serving.py --layers {a.layers} --repeats {a.repeats} --threads "
-             f"{a.threads}{' --eager' if a.eager else ''}` (one run; every figure below comes from it).", "",
+             f"{a.threads}{' --eager' if a.eager else ''}{' --reuse' if a.reuse else ''}` "
+             f"({'an interrupted run continued with --reuse: ' if a.reuse else ''}every figure below comes from it).",
+             "",
              f"Model: Qwen2-VL-2B widths, {a.layers} of 28 text layers, vocabulary scaled to "
              f"{-(-REAL_VOCAB * a.layers // REAL_LAYERS // 64) * 64} (lm_head keeps its real share), random weights; "
              f"{w4['summary']['layers']} quantized layers. QE adapters: shared rank {QE_ADAPTERS['shared_rank']}, "
              f"{QE_ADAPTERS['num_routed']} routed experts of rank {QE_ADAPTERS['routed_rank']}, router, smoothing "
-             f"= {qe_bits:.3f} bit/weight (bf16 adapters, fp32 router). Kernels: "
+             f"= {qe_bits or float('nan'):.3f} bit/weight (bf16 adapters, fp32 router). Kernels: "
              f"W4 {w4['summary']['kernels']}, W4+QE {qe['summary']['kernels']}. dtype bf16, "
              f"{'eager' if a.eager else 'vLLM default compilation'}, {a.threads} OpenMP thread(s), best of {a.repeats}; "
              "load average " + (", ".join(f"{x:.1f}" for x in load) + " (start, after each variant)" if load else
@@ -339,14 +354,27 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
              "linear layers keep their weights prepacked (oneDNN / sgl-kernel handles) outside the module parameters, so the stock "
              "model's 'parameters + buffers' row misses them (its worker peak RSS does not).", "",
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    def cell(fn, r) -> str:
+        try:
+            return fn(r)
+        except (KeyError, ZeroDivisionError):
+            return "n/a"
+
     for name, fn in rows:
-        lines.append(f"| {name} | " + " | ".join(fn(results[k]) for k in labels) + " |")
-    w4r, qer = q_bytes(w4) / fp_q, q_bytes(qe) / fp_q
+        lines.append(f"| {name} | " + " | ".join(cell(fn, results[k]) for k in labels) + " |")
+    def ratio(r: dict, base: dict, key: str, fmt: str, slower: bool = False) -> str:
+        try:
+            v = r[key] / base[key]
+        except (KeyError, ZeroDivisionError):
+            return "n/a"
+        return format(1 - v if slower else v, fmt)
+
     lines += ["", "Targets (issue 12): W4 resident ≤ 35 % of bf16 (adapters included): "
-              f"W4 {w4r:.1%}, W4+QE {qer:.1%}; decode batch 1 ≥ 2x bf16: "
-              f"{w4['decode_tok_s_b1'] / fp['decode_tok_s_b1']:.2f}x; adapters ≤ 15 % over plain W4 at batch 1: "
-              f"decode {1 - qe['decode_tok_s_b1'] / w4['decode_tok_s_b1']:+.1%} "
-              f"(prefill {1 - qe['prefill_tok_s_b1'] / w4['prefill_tok_s_b1']:+.1%}) slower.", "",
+              f"W4 {cell(lambda r: f'{q_bytes(r) / fp_q:.1%}', w4)}, "
+              f"W4+QE {cell(lambda r: f'{q_bytes(r) / fp_q:.1%}', qe)}; decode batch 1 ≥ 2x bf16: "
+              f"{ratio(w4, fp, 'decode_tok_s_b1', '.2f')}x; adapters ≤ 15 % over plain W4 at batch 1: decode "
+              f"{ratio(qe, w4, 'decode_tok_s_b1', '+.1%', True)} (prefill "
+              f"{ratio(qe, w4, 'prefill_tok_s_b1', '+.1%', True)}) slower.", "",
               "Routed adapters of one MLP projection (in 1536, out 8960, 4 experts of rank 4, bf16), per call, best "
               f"of 20, {a.threads} thread(s): vllm-qe's masked shrink/expand (runtime/adapters.py, what the plugin runs) vs vLLM's torch "
               "punica ops (`bgmv_shrink` + `bgmv_expand`, which gather every token's adapter weights).", "",
