@@ -2,9 +2,9 @@
 
 Tiers (README, "Tests"): `pytest -m "not vllm"` is the fast tier (algorithms, format, kernel references; under
 3 minutes on 2 cores); `pytest -m "vllm or integration"` the rest. A test is `integration` when it is marked so
-or uses the `tiny_dir` / `quantized_dir` fixtures (it builds or calibrates a model). `integration` tests are left
-out of any `-m` selection that does not name them, and `slow` tests (minutes) of any that does not name `slow`;
-a run without `-m` has everything but `slow`.
+or uses the `tiny_dir` / `quantized_dir` fixtures without being a `vllm` test (it builds or calibrates a model).
+`integration` tests are left out of any `-m` selection that does not name them (`vllm` tests never are), and
+`slow` tests (minutes) of any that does not name `slow`; a run without `-m` has everything but `slow`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ MODEL_FIXTURES = {"tiny_dir", "quantized_dir"}
 
 def pytest_collection_modifyitems(config, items):
     expr = config.getoption("markexpr") or ""
-    for item in items:
-        if MODEL_FIXTURES & set(item.fixturenames) and item.get_closest_marker("integration") is None:
+    for item in items:  # (a vLLM test is in the vllm tier whatever its fixtures)
+        if MODEL_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("integration") \
+                and not item.get_closest_marker("vllm"):
             item.add_marker(pytest.mark.integration)
     left_out = [m for m in ("slow", "integration") if m not in expr and (m == "slow" or expr)]
+
+    def leave_out(item) -> bool:
+        return any(item.get_closest_marker(m) and not (m == "integration" and item.get_closest_marker("vllm"))
+                   for m in left_out)
+
     keep, dropped = [], []
     for item in items:
-        (dropped if any(item.get_closest_marker(m) for m in left_out) else keep).append(item)
+        (dropped if leave_out(item) else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
