@@ -38,9 +38,13 @@ def main() -> int:
     a = p.parse_args(argv[:cut])
     cli_args = argv[cut + 1:]
 
+    from importlib.metadata import entry_points
+
     import transformers
 
-    from vllm_qe.calibration import cli
+    # the `vllm-qe` console script's own function, wherever the project keeps it
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "vllm-qe"]
+    cli_main = ep.load()
 
     calls: list[dict[str, torch.Tensor]] = []
 
@@ -58,7 +62,7 @@ def main() -> int:
 
     transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     t0 = time.time()
-    rc = cli.main(["calibrate", *cli_args])
+    rc = cli_main(["calibrate", *cli_args])
     wall = time.time() - t0
     transformers.PreTrainedModel.from_pretrained = classmethod(original)
 

@@ -131,11 +131,11 @@ def canonical(name: str) -> str:
 
 # -- 3./4. calibration --------------------------------------------------------------------------------------------
 def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ignore: list[str], calib: Path,
-                num_samples: int, logs: Path, reuse: bool = False) -> dict:
+                num_samples: int, logs: Path, reuse: bool = False, extra: str = "") -> dict:
     bits, gs, sym, _ = SETTINGS[setting]
     cli = [str(fixture), "--out", str(out), "--method", "gptq", "--wbits", str(bits), "--group-size", str(gs),
            "--method-params", params, "--calib", "builtin:vqa", "--num-samples", str(num_samples), "--seed", "0",
-           "--overwrite", "--no-resume", "--quiet"] + (["--symmetric"] if sym else [])
+           "--overwrite", "--no-resume", "--quiet"] + (["--symmetric"] if sym else []) + shlex.split(extra)
     for pat in ignore:
         cli += ["--ignore", pat]
     report = out.with_name(out.name + ".peer.json")
@@ -352,6 +352,7 @@ def main() -> int:
     p.add_argument("--fixtures", default=DEFAULT_FIXTURES)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--vllm-qe-params", default="{}", help="JSON passed as `--method-params` to vllm-qe's GPTQ")
+    p.add_argument("--vllm-qe-args", default="", help="extra `vllm-qe calibrate` flags, e.g. '--clip mse'")
     p.add_argument("--num-calib", type=int, default=32)
     p.add_argument("--num-eval", type=int, default=48)
     p.add_argument("--work", default=str(REPO / "runs" / "peer"))
@@ -409,11 +410,11 @@ def main() -> int:
         for st in settings:
             bits, gs, sym, _ = SETTINGS[st]
             ignore, expected = layer_plan(fdir, gs)
-            tag = hashlib.sha256(a.vllm_qe_params.encode()).hexdigest()[:8]
+            tag = hashlib.sha256((a.vllm_qe_params + a.vllm_qe_args).encode()).hexdigest()[:8]
             qdir = fwork / "vllm-qe" / f"{st}-{tag}"
             log(f"{fx} {st}: vllm-qe GPTQ ({len(expected)} layers)")
             vq = run_vllm_qe(py, fdir, qdir, st, a.vllm_qe_params, ignore, calib, a.num_calib, logs / fx,
-                             a.reuse_vllm_qe)
+                             a.reuse_vllm_qe, a.vllm_qe_args)
             from_dump = vq["identity"].get("sha256_reference")
             if not from_dump:
                 raise RuntimeError(f"{fx} {st}: vllm-qe's calibration chats were not captured: "
@@ -475,6 +476,7 @@ def main() -> int:
         f" {k} {shlex.quote(v)}" for k, v, d in (("--fixtures", a.fixtures, DEFAULT_FIXTURES),
                                                   ("--settings", a.settings, ",".join(SETTINGS)),
                                                   ("--vllm-qe-params", a.vllm_qe_params, "{}"),
+                                                  ("--vllm-qe-args", a.vllm_qe_args, ""),
                                                   ("--num-calib", str(a.num_calib), "32"),
                                                   ("--num-eval", str(a.num_eval), "48")) if v != d)
     summary = {"cmd": cmd, "rows": rows, "fixtures": fixture_info, "versions": versions,
