@@ -21,15 +21,15 @@ def test_ranks_never_exceed_the_budget_and_are_maximal(shape, budget, num_routed
 
 
 def test_known_ranks() -> None:
-    assert ADAPTER_BITS == 32  # format v1 stores adapters as float32
-    # 1536x1536 at 0.25 bpw: 0.25 * 1536^2 / 32 = 18432 values = rank 6 over in + out = 3072
-    assert ranks_for_budget(1536, 1536, 0.25) == AdapterScheme(shared_rank=6)
-    # at 0.5 bpw, half to 4 routed experts: 18432 / 4 = 4608 values each, minus the router row 1536 -> rank 1
-    s = ranks_for_budget(1536, 1536, 0.5, num_routed=4)
+    assert ADAPTER_BITS == 16  # the format stores adapters as float16
+    # 1536x1536 at 0.25 bpw: 0.25 * 1536^2 / 16 = 36864 values = rank 12 over in + out = 3072
+    assert ranks_for_budget(1536, 1536, 0.25) == AdapterScheme(shared_rank=12)
+    # at 0.25 bpw, half to 4 routed experts: 18432 / 4 = 4608 values each, minus the router row 1536 -> rank 1
+    s = ranks_for_budget(1536, 1536, 0.25, num_routed=4)
     assert (s.num_routed, s.routed_rank) == (4, 1)
     assert s.shared_rank == (36864 - 4 * (3072 + 1536)) // 3072
     # a budget too small for routed experts gives all of it to the shared one
-    assert ranks_for_budget(128, 128, 0.5, num_routed=8) == AdapterScheme(shared_rank=1)
+    assert ranks_for_budget(128, 128, 0.25, num_routed=8) == AdapterScheme(shared_rank=1)
 
 
 def test_a_fused_group_is_budgeted_with_every_members_adapters() -> None:

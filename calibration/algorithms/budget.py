@@ -1,7 +1,7 @@
 """Adapter ranks from a byte budget: bits per weight → shared / routed ranks of one layer (or fused group).
 
 The adapters of a layer `[out, in]` store `r_s·(in + out)` (shared expert), `N_r·r_r·(in + out)` (routed experts)
-and `N_r·in` (router) values of `adapter_bits` each (the format's dtype for them: 32 bits in format v1). A budget of `b`
+and `N_r·in` (router) values of `adapter_bits` each (the format's dtype for them: float16, 16 bits). A budget of `b`
 bits per weight allows `b·in·out / adapter_bits` stored values. Layers fused at serving time (q/k/v, gate/up)
 must share one scheme, so their ranks are chosen for the group: each member keeps its own adapters, so one rank
 costs `n·in + Σ out` values over the group's `in·Σ out` weights.
@@ -15,7 +15,7 @@ import torch
 
 from vllm_qe.format.spec import SHARED_A, AdapterScheme, ModuleScheme, WeightScheme, expected_tensors
 
-# bits of one stored adapter / router value: the format's dtype for them (float32 in format v1)
+# bits of one stored adapter / router value: the format's dtype for them (float16)
 ADAPTER_BITS = torch.finfo(expected_tensors(ModuleScheme(WeightScheme(), None, AdapterScheme(1)), 1, 1)[SHARED_A][0]).bits
 
 

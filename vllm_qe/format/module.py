@@ -72,7 +72,8 @@ class QuantizedLinear:
             spec.SMOOTH_SCALE: self.smooth, spec.SHARED_A: self.shared_a, spec.SHARED_B: self.shared_b,
             spec.ROUTED_A: self.routed_a, spec.ROUTED_B: self.routed_b, spec.ROUTER: self.router,
         }
-        t.update({k: v.float().clone().contiguous() for k, v in optional.items() if v is not None})
+        t.update({k: v.to(spec.ADAPTER_DTYPE if k in spec.ADAPTER_SUFFIXES else torch.float32).clone().contiguous()
+                  for k, v in optional.items() if v is not None})
         return {f"{name}.{k}": v.contiguous() for k, v in t.items()}
 
     @classmethod

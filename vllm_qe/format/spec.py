@@ -289,6 +289,13 @@ ALL_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_ZERO, WEIGHT_SHAPE, SMOOTH_S
                 ROUTED_A, ROUTED_B, ROUTER)
 
 
+# Adapters and routers are stored as float16 (half the bytes of float32; the runtime computes them in the model's
+# dtype). Checkpoints written before this stored float32, which readers still accept (LEGACY_ADAPTER_DTYPE).
+ADAPTER_DTYPE = torch.float16
+LEGACY_ADAPTER_DTYPE = torch.float32
+ADAPTER_SUFFIXES = (SHARED_A, SHARED_B, ROUTED_A, ROUTED_B, ROUTER)
+
+
 def expected_tensors(
     scheme: ModuleScheme, out_features: int, in_features: int
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -306,10 +313,10 @@ def expected_tensors(
         spec[SMOOTH_SCALE] = (torch.float32, (in_features,))
     a = scheme.adapters
     if a.shared_rank:
-        spec[SHARED_A] = (torch.float32, (a.shared_rank, in_features))
-        spec[SHARED_B] = (torch.float32, (out_features, a.shared_rank))
+        spec[SHARED_A] = (ADAPTER_DTYPE, (a.shared_rank, in_features))
+        spec[SHARED_B] = (ADAPTER_DTYPE, (out_features, a.shared_rank))
     if a.num_routed:
-        spec[ROUTED_A] = (torch.float32, (a.num_routed, a.routed_rank, in_features))
-        spec[ROUTED_B] = (torch.float32, (a.num_routed, out_features, a.routed_rank))
-        spec[ROUTER] = (torch.float32, (a.num_routed, in_features))
+        spec[ROUTED_A] = (ADAPTER_DTYPE, (a.num_routed, a.routed_rank, in_features))
+        spec[ROUTED_B] = (ADAPTER_DTYPE, (a.num_routed, out_features, a.routed_rank))
+        spec[ROUTER] = (ADAPTER_DTYPE, (a.num_routed, in_features))
     return spec

@@ -101,7 +101,8 @@ def validate_module(name: str, tensors: dict[str, torch.Tensor | LazyTensor], sc
         if suffix not in tensors:
             raise FormatError(f"{name}.{suffix}: missing")
         t = tensors[suffix]
-        if t.dtype != dtype:
+        legacy = suffix in spec.ADAPTER_SUFFIXES and t.dtype == spec.LEGACY_ADAPTER_DTYPE
+        if t.dtype != dtype and not legacy:
             raise FormatError(f"{name}.{suffix}: expected dtype {dtype}, found {t.dtype}")
         if tuple(t.shape) != shape:
             raise FormatError(f"{name}.{suffix}: expected shape {list(shape)}, found {list(t.shape)}")
