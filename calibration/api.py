@@ -43,7 +43,7 @@ def plan_calibration(model_dir: str | Path, config: CalibrationConfig | None = N
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(model_dir)))
     source = TensorSource(model, model_dir)
-    return build_plan(model, config, algorithm, set(source.index), source.locate if config.offload else None,
+    return build_plan(model, config, algorithm, set(source.index), source.locate,
                       model_dir)
 
 

@@ -45,7 +45,7 @@ def test_bad_budget_is_refused() -> None:
         ranks_for_budget(64, 64, -0.1)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "llava"])
 def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arch) -> None:
     """The plan of a budgeted QE run: members of a group (same parent, same input) share one adapter scheme,
     and every group's adapters fit the budget."""
