@@ -17,7 +17,7 @@ ACT_ORDERS = ("none", "static", "group")
 
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, damp: float = 0.01, block_size: int = 128,
-    exempt: torch.Tensor | None = None, actorder: str = "none", clip: str = "minmax",
+    exempt: torch.Tensor | None = None, actorder: str = "static", clip: str = "minmax",
     sym_grid: str = DEFAULT_SYM_GRID,
 ) -> QuantizedLinear:
     """Quantize `weight` `[out, in]` minimising `tr((W - Ŵ) H (W - Ŵ)ᵀ)` for `H` `[in, in]` = E[x xᵀ].

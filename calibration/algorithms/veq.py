@@ -43,9 +43,10 @@ def affinity_hessian(x: torch.Tensor, prob: torch.Tensor, is_text: torch.Tensor,
 
 
 def veq_ma_quantize(weight: torch.Tensor, x: torch.Tensor, prob: torch.Tensor, is_text: torch.Tensor,
-                    gamma: float, scheme: WeightScheme) -> QuantizedLinear:
-    """GPTQ of one expert's weight `[out, in]` on its routed tokens `x` `[T, in]` with the affinity Hessian."""
-    return gptq_quantize(weight, affinity_hessian(x, prob, is_text, gamma), scheme)
+                    gamma: float, scheme: WeightScheme, **gptq_options) -> QuantizedLinear:
+    """GPTQ (`gptq_options`: `gptq_quantize`'s keywords) of one expert's weight `[out, in]` on its routed tokens
+    `x` `[T, in]` with the affinity Hessian."""
+    return gptq_quantize(weight, affinity_hessian(x, prob, is_text, gamma), scheme, **gptq_options)
 
 
 def veq_me_scales(xs: list[torch.Tensor], weights: list[torch.Tensor], importance: torch.Tensor,
