@@ -120,7 +120,7 @@ class BlockCalibrator:
                                   stats[s], targets[s].scheme) for s in subs]
             results = self.algorithm.quantize_group(group)
             for s, tgt in zip(subs, group):
-                q = results[tgt.name]
+                q = results[tgt.name].as_stored()  # propagate what the checkpoint will hold (float16 adapters)
                 act = tgt.scheme.activation.bits if tgt.scheme.activation else None
                 x = stats[s].sample
                 if x is None or len(x) == 0:  # an MoE expert no calibration token was routed to

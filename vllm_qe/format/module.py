@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,6 +57,16 @@ class QuantizedLinear:
         (`Ŵ_s · diag(1/s)`), so that `x · result^T` equals the base GEMM on unsmoothed `x` without act quant."""
         w = dequantize(self.qweight, self.scale, self.zero, self.group_size)
         return w if self.smooth is None else w / self.smooth.float()
+
+    def as_stored(self) -> QuantizedLinear:
+        """This module with its adapters and router rounded to the stored dtype (float16), as float32: what a
+        reader of the checkpoint gets back, so calibration propagates and reports what is served."""
+        def rounded(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(spec.ADAPTER_DTYPE).float()
+
+        return replace(self, shared_a=rounded(self.shared_a), shared_b=rounded(self.shared_b),
+                                   routed_a=rounded(self.routed_a), routed_b=rounded(self.routed_b),
+                                   router=rounded(self.router))
 
     def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Checkpoint tensors `{f"{name}.{suffix}": tensor}` in the format's dtypes."""
