@@ -11,34 +11,14 @@ the quantized module names and the sha256 of the tensors the DataLoader handed o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from chats import chats_digest, load_chats  # torch + safetensors only: importable in this venv
 from safetensors.torch import save_file
-
-
-def load_chats(path: str) -> list[dict[str, torch.Tensor]]:
-    with safe_open(path, framework="pt") as f:
-        md = f.metadata()
-        if not md or "n" not in md or "keys" not in md:
-            raise ValueError(f"{path}: not a chat dump (metadata 'n'/'keys' missing)")
-        return [{k: f.get_tensor(f"{i}.{k}") for k in md["keys"].split(",")} for i in range(int(md["n"]))]
-
-
-def digest(chats: list[dict[str, torch.Tensor]]) -> str:
-    """Same fingerprint as benchmarks/peer/chats.py:chats_digest."""
-    h = hashlib.sha256()
-    for c in chats:
-        for k in sorted(c):
-            t = c[k].contiguous()
-            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def main() -> int:
@@ -114,7 +94,7 @@ def main() -> int:
         "seconds": {"load": round(t1 - t0, 3), "oneshot": round(t2 - t1, 3), "save": round(t3 - t2, 3),
                     "span": round(t3 - t0, 3), "imports": round(t0 - t_proc, 3)},
         "quantized_modules": quantized,
-        "samples": {"n": len(chats), "indices_fed": seen, "sha256": digest([chats[i] for i in seen])},
+        "samples": {"n": len(chats), "indices_fed": seen, "sha256": chats_digest([chats[i] for i in seen])},
     }
     (Path(a.out) / "peer_run.json").write_text(json.dumps(report, indent=1))
     save_file({"logits": fp_logits0}, str(Path(a.out) / "peer_fp_logits_chat0.safetensors"))
