@@ -30,6 +30,7 @@ def _synthetic_module(out_f: int, in_f: int, cfg, seed: int):
         q.routed_a = torch.randn(a.num_routed, a.routed_rank, in_f, generator=g) * 0.1
         q.routed_b = torch.randn(a.num_routed, out_f, a.routed_rank, generator=g) * 0.1
         q.router = torch.rand(a.num_routed, in_f, generator=g)
+    q = q.as_stored()  # the reference holds what the checkpoint stores (float16 adapters and router)
     bias = torch.randn(out_f, generator=g) * 0.1
     return q, bias
 
