@@ -99,3 +99,22 @@ def test_fast_encoder_equals_processor():
     batch = collate([enc(s.image, s.question, s.answer) for s in samples], tok.pad_token_id)
     lengths = [enc(s.image, s.question, s.answer)["input_ids"].shape[1] for s in samples]
     assert batch["input_ids"].shape == (8, max(lengths)) and int(batch["attention_mask"].sum()) == sum(lengths)
+
+
+def test_paired_ratio_interval_covers_calibration_set_noise():
+    """Two methods whose per-set ratio varies across calibration sets: the two-level interval is wider than the
+    questions-only one of a single set, contains the geometric mean, and a clearly better method lies below 1."""
+    from vllm_qe.calibration.bootstrap import paired_ratio_interval
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 40, generator=g) + 0.5
+    b = base.repeat(3, 1)
+    a = b * torch.tensor([[0.5], [1.0], [2.0]])  # set-level ratios 0.5, 1, 2: geometric mean 1
+    est, lo, hi = paired_ratio_interval(a, b)
+    assert abs(est - 1.0) < 1e-9 and lo < 0.75 and hi > 1.3
+    _, lo1, hi1 = paired_ratio_interval(a[:1], b[:1])
+    assert hi1 - lo1 < 1e-9  # one set, an exact per-question ratio: no question noise
+    est2, lo2, hi2 = paired_ratio_interval(b * 0.6 * (1 + 0.1 * torch.rand(3, 40, generator=g)), b)
+    assert hi2 < 1.0 and lo2 <= est2 <= hi2
+    with pytest.raises(ValueError, match=r"\[S, n\]"):
+        paired_ratio_interval(a[0], b[0])
