@@ -74,17 +74,20 @@ def qe_moe_int4pack(
 ) -> torch.Tensor:
     """SwiGLU MoE on CPU with every expert kept in torch's int4 layout (`w13` `[E, 2I, H/2]` uint8, `sz13`
     `[E, H/g, 2I, 2]`; `w2` `[E, H, I/2]`, `sz2` `[E, I/g, H, 2]`, see `runtime.kernels.int4pack`): one
-    `_weight_int4pack_mm_for_cpu` per active expert and projection. `smooth13` `[E, H]` / `smooth2` `[E, I]`
+    `runtime.kernels.int4pack_mm` per active expert and projection (torch's int4 GEMM for few tokens, dequantize +
+    dense GEMM for many). `smooth13` `[E, H]` / `smooth2` `[E, I]`
     divide the expert's inputs; adapters as in `reference.fused_moe`."""
+    from vllm_qe.runtime.kernels import int4pack_mm
+
     dt = sz13.dtype
 
     def gemm13(e: int, xe: torch.Tensor) -> torch.Tensor:
         xs = xe if smooth13 is None else xe.float() / smooth13[e]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xs.to(dt).contiguous(), w13[e], group13, sz13[e])
+        return int4pack_mm(xs.to(dt).contiguous(), w13[e], group13, sz13[e])
 
     def gemm2(e: int, a: torch.Tensor) -> torch.Tensor:
         xs = a if smooth2 is None else a.float() / smooth2[e]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xs.to(dt).contiguous(), w2[e], group2, sz2[e])
+        return int4pack_mm(xs.to(dt).contiguous(), w2[e], group2, sz2[e])
 
     return reference.fused_moe_with(x, gemm13, gemm2, w2.shape[1], topk_ids, topk_weights, _pair(a13, b13),
                                     _pair(a2, b2))

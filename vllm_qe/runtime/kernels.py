@@ -25,6 +25,7 @@ against a CUDA platform view of the given capability), which is how the CPU test
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -290,7 +291,7 @@ class Int4PackCPUKernel(QEGemmKernel):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.to(layer.qe_w4_sz.dtype).contiguous()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qe_w4, layer.qe_w4_group, layer.qe_w4_sz)
+        return torch.ops.vllm_qe.int4pack_linear(x, layer.qe_w4, layer.qe_w4_group, layer.qe_w4_sz)
 
 
 def int4pack_group(c: QELayerSpec) -> int | None:
@@ -311,6 +312,97 @@ def int4pack(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     s, z = s[:, groups], z[:, groups]
     sz = torch.stack([s.t(), ((8 - z) * s).t()], dim=-1).contiguous().to(c.mp.act_type)
     return w, sz
+
+
+# -- M-dependent CPU dispatch on torch's int4 layout -------------------------------------------------------------------
+# torch's int4 GEMM re-dequantizes the weight for every block of 4 rows, so its cost grows linearly with the tokens
+# (1536x8960 g128, bf16, 1 thread: ~0.3-0.6 ms per token), while dequantizing the weight once (`int4pack_dequantize`,
+# vectorized torch ops: ~12-24 ms for those 13.8 M weights) and calling the dense GEMM (oneDNN) costs about the same at
+# any size up to ~100 tokens. Measured on the project's 2-core machine under load (`benchmarks/cpu_serving.py`'s base
+# GEMM table, same run: int4 vs dequant + GEMM): 32 tokens 17-20 vs 25-27 ms, 64 tokens 39 vs 28-33 ms, 128 tokens
+# 77-83 vs 30-46 ms, so the crossover is ~48 tokens. The rule is per call (per expert in the MoE op).
+INT4_DEQUANT_MIN_TOKENS = int(os.environ.get("VLLM_QE_INT4_DEQUANT_MIN_TOKENS", "48"))
+DEQUANT_CHUNK_ELEMS = 1 << 21  # weights dequantized per chunk of output columns (4 MiB in bf16): bounded temporaries
+
+
+@functools.cache
+def int4pack_layout() -> tuple[int, str] | None:
+    """How `_convert_weight_to_int4pack_for_cpu` lays out nibbles on this CPU (torch 2.13, int4mm_kernel.cpp): the
+    `[N, K]` grid is cut into blocks of `block_n` output rows, each stored as `[K, block_n/2]` bytes. In a full
+    block byte `j` holds row `j` (low nibble) and row `j + block_n/2` (high nibble) ("halves": AVX512 with block 64,
+    AVX2 with block 32) or rows `2j` / `2j+1` ("pairs": unvectorized build, block 32); a last partial block (16,
+    32 or 48 rows) is always "pairs". The layout follows torch's dispatch CPU capability, so it is probed once on a
+    small grid; None if no known layout reproduces it (then the int4 GEMM runs at every size)."""
+    for layout in ((64, "halves"), (32, "halves"), (32, "pairs")):
+        n, k = 2 * layout[0] + 16, 64
+        q = (torch.arange(n * k, dtype=torch.int32).view(n, k) * 7 + torch.arange(n, dtype=torch.int32)[:, None]) % 16
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        sz = torch.stack([torch.ones(1, n), torch.full((1, n), 8.0)], dim=-1)  # w = (q - 8)·1 + 8 = q
+        if torch.equal(int4pack_dequantize(w4, sz, k, 0, n, layout), q.t().float()):
+            return layout
+    return None
+
+
+def int4pack_dequantize(w4: torch.Tensor, sz: torch.Tensor, group: int, n0: int, n1: int,
+                        layout: tuple[int, str]) -> torch.Tensor:
+    """Output rows `[n0, n1)` of a torch int4pack weight (`w4` `[N, K/2]` uint8, `sz` `[K/group, N, 2]` (scale,
+    offset) in the activation dtype) dequantized as torch's kernel does, `w = (q - 8)·s + o`, one rounding to
+    `sz.dtype`; returned transposed, `[K, n1 - n0]` (the GEMM's `[K, N]` operand). `n0` is a multiple of the block.
+    Vectorized torch ops on whole blocks: nibbles -> int8 `q - 8` -> `sz.dtype` (with the block's row permutation)
+    -> one `addcmul` with the group's scale and offset."""
+    block, kind = layout
+    N, K = w4.shape[0], w4.shape[1] * 2
+    full = N // block * block
+    flat = w4.view(-1)
+    w = torch.empty(K, n1 - n0, dtype=sz.dtype, device=w4.device)
+    for a, b in ((n0, min(n1, full)), (max(n0, full), n1)):  # whole blocks, then the partial last block
+        if a >= b:
+            continue
+        nb = block if a < full else b - a
+        src = flat[a * K // 2:b * K // 2].view(-1, K, nb // 2)  # [blocks, K, nb/2]
+        lo = (src & 15).view(torch.int8).sub_(8).permute(1, 0, 2)
+        hi = (src >> 4).view(torch.int8).sub_(8).permute(1, 0, 2)
+        dst = w[:, a - n0:b - n0]
+        if kind == "halves" and a < full:
+            dst = dst.view(K, -1, 2, nb // 2)
+            dst[:, :, 0].copy_(lo)
+            dst[:, :, 1].copy_(hi)
+        else:
+            dst = dst.view(K, -1, nb // 2, 2)
+            dst[..., 0].copy_(lo)
+            dst[..., 1].copy_(hi)
+    wg = w.view(K // group, group, n1 - n0)
+    s, o = sz[:, n0:n1, 0].contiguous().unsqueeze(1), sz[:, n0:n1, 1].contiguous().unsqueeze(1)
+    torch.addcmul(o, wg, s, out=wg)
+    return w
+
+
+def int4pack_mm(x: torch.Tensor, w4: torch.Tensor, group: int, sz: torch.Tensor,
+                min_tokens: int | None = None) -> torch.Tensor:
+    """`x` `[T, K]` (in `sz.dtype`) times a torch int4pack weight -> `[T, N]`: torch's int4 GEMM below `min_tokens`
+    tokens (default `INT4_DEQUANT_MIN_TOKENS`; float32: never), else the weight dequantized in chunks of output columns
+    (`DEQUANT_CHUNK_ELEMS` weights each, so the temporary stays bounded) and the dense GEMM (oneDNN)."""
+    layout = int4pack_layout()
+    if min_tokens is None:  # float32: torch's int4 GEMM is slower at every size (1 token: 57 vs 31 ms, same run)
+        min_tokens = 1 if sz.dtype == torch.float32 else INT4_DEQUANT_MIN_TOKENS
+    if x.shape[0] < min_tokens or layout is None:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, group, sz)
+    N, K = w4.shape[0], w4.shape[1] * 2
+    step = max(layout[0], DEQUANT_CHUNK_ELEMS // K // layout[0] * layout[0])
+    outs = [x @ int4pack_dequantize(w4, sz, group, n0, min(N, n0 + step), layout) for n0 in range(0, N, step)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+@torch.library.custom_op("vllm_qe::int4pack_linear", mutates_args=())
+def int4pack_linear(x: torch.Tensor, w4: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
+    """`int4pack_mm` as one opaque op: the token-count branch happens at run time, so vLLM's compiled graph (dynamic
+    token dimension) neither specializes nor guards on it."""
+    return int4pack_mm(x, w4, group, sz)
+
+
+@int4pack_linear.register_fake
+def _(x, w4, group, sz):
+    return x.new_empty(x.shape[0], w4.shape[0])
 
 
 # -- 3./4. the project's Triton GEMM (CUDA) and the per-call dequantizing reference -----------------------------------

@@ -1,0 +1,111 @@
+"""CPU prefill on packed int4 weights (runtime/kernels.py `int4pack_mm`): torch's int4 GEMM for few tokens,
+dequantize (from torch's int4pack bytes) + dense GEMM for many. Both branches against the checkpoint's own
+dequantized math, below and above the crossover; the branch lives inside one opaque op (graph-safe)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_qe.format.module import dequantize_packed
+from vllm_qe.format.packing import pack
+from vllm_qe.format.quantizer import num_groups
+from vllm_qe.runtime.kernels import (
+    INT4_DEQUANT_MIN_TOKENS,
+    Int4PackCPUKernel,
+    KernelTarget,
+    QELayerSpec,
+    int4pack,
+    int4pack_dequantize,
+    int4pack_group,
+    int4pack_layout,
+    int4pack_mm,
+)
+
+
+def _layer(bits: int, symmetric: bool, group: int, out_f: int, in_f: int, dtype: torch.dtype, seed: int = 0):
+    """A random checkpoint layer in torch's int4 layout: (w4, sz, group', reference weight `[out, in]` float32,
+    the largest magnitude torch's `(q - 8)·s + o` form handles per weight, `[out, in]`: `8·s + |w|`)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.int32)
+    ng = num_groups(in_f, group)
+    scale = (torch.rand(out_f, ng, generator=g) * 0.02 + 1e-3).half()
+    zero = None if symmetric else torch.randint(0, 2**bits, (out_f, ng), generator=g).to(torch.uint8)
+    packed = pack(q, bits)
+    c = QELayerSpec.build(in_f, out_f, in_f, out_f, bits, group, symmetric, 0, dtype)
+    w4, sz = int4pack(packed, scale, zero, c)
+    w = dequantize_packed(packed, scale, zero, bits, group, in_f)
+    per_weight = scale.float().repeat_interleave(in_f if group == -1 else group, dim=1)[:, :in_f]
+    reach = 8 * per_weight + w.abs()
+    return w4, sz, int4pack_group(c), w, reach
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, reach: torch.Tensor, dtype: torch.dtype) -> None:
+    """`y` = `x·wᵀ` within rounding: float32 to 1e-6 of `|x|·reachᵀ`, half types to 2^-7 of it (the offset
+    `(8 - z)·s`, weights and outputs are rounded to 8 mantissa bits, so a weight is known to ~2^-9 of
+    `8·s + |w|`; a wrong nibble, row or group would be off by whole quantization steps)."""
+    ref = x.float() @ w.t()
+    bound = x.float().abs() @ reach.t()
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    err = (y.float() - ref).abs()
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert (err <= tol * bound + 1e-6).all(), (err / bound).max().item()
+
+
+def test_the_int4pack_layout_is_known_here():
+    """The dequantizing branch needs torch's nibble layout; on x86 with AVX512 / AVX2 (every machine here) it is
+    one of the known ones (else the int4 GEMM runs at every size: correct, slow prefill)."""
+    assert int4pack_layout() in ((64, "halves"), (32, "halves"), (32, "pairs"))
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, True), (3, False), (2, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_both_branches_equal_the_reference(bits, symmetric, dtype):
+    # 208 output rows = 3 whole blocks of 64 + a partial block of 16 (torch packs that one differently)
+    w4, sz, group, w, reach = _layer(bits, symmetric, 64, 208, 256, dtype, seed=bits)
+    for tokens in (1, 7, INT4_DEQUANT_MIN_TOKENS - 1, INT4_DEQUANT_MIN_TOKENS, 3 * INT4_DEQUANT_MIN_TOKENS + 5):
+        x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+        for min_tokens in (10**9, 1):  # int4 GEMM, dequantize + GEMM
+            _check(int4pack_mm(x, w4, group, sz, min_tokens=min_tokens), x, w, reach, dtype)
+        _check(torch.ops.vllm_qe.int4pack_linear(x, w4, group, sz), x, w, reach, dtype)  # the default rule
+
+
+@pytest.mark.parametrize("out_f, in_f, group", [(8960, 1536, 128), (1536, 8960, 128), (80, 128, -1)])
+def test_dequantize_in_chunks_equals_the_checkpoint_grid(out_f, in_f, group):
+    """float32 scales: dequantizing any column range of the int4pack bytes is bit-exact (`(q-8)·s + (8-z)·s`);
+    chunked at the served widths (2B MLP), across block and partial-block boundaries, per-channel groups."""
+    w4, sz, g, w, _ = _layer(4, False, group, out_f, in_f, torch.float32)
+    layout = int4pack_layout()
+    block = layout[0]
+    for n0, n1 in ((0, out_f), (block, min(out_f, 5 * block)), (out_f // block * block - block, out_f)):
+        assert torch.equal(int4pack_dequantize(w4, sz, g, n0, n1, layout), w[n0:n1].t())
+
+
+def test_int4pack_kernel_is_one_opaque_op_under_dynamic_compile():
+    """The token-count branch must not specialize vLLM's compiled graph: under `torch.compile(dynamic=True,
+    fullgraph=True)` the layer's GEMM traces into one `vllm_qe::int4pack_linear` call, and the compiled function
+    serves token counts on both sides of the crossover without recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    w4, sz, group, w, reach = _layer(4, True, 128, 192, 256, torch.bfloat16)
+    c = QELayerSpec.build(256, 192, 256, 192, 4, 128, True, 0, torch.bfloat16)
+    assert Int4PackCPUKernel.can_implement(c, KernelTarget("cpu"))[0]
+    kernel = Int4PackCPUKernel(c)
+    layer = torch.nn.Module()
+    layer.qe_w4, layer.qe_w4_sz, layer.qe_w4_group = w4, sz, group
+
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    counter = CompileCounterWithBackend(backend)
+    fn = torch.compile(lambda x: kernel.apply(layer, x), backend=counter, dynamic=True, fullgraph=True)
+    for tokens in (3, INT4_DEQUANT_MIN_TOKENS + 9, 5, 2 * INT4_DEQUANT_MIN_TOKENS):
+        x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+        _check(fn(x), x, w, reach, torch.bfloat16)
+    assert counter.frame_count == 1, counter.frame_count
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("vllm_qe.int4pack_linear") for t in targets) == 1, targets
+    assert not any("_weight_int4pack_mm" in t for t in targets), targets
