@@ -190,9 +190,24 @@ def adapters_microbench(repeats: int = 20) -> list[tuple[int, float, float]]:
     return rows
 
 
-def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float]]:
+def _best_ms(fn, repeats: int) -> float:
+    """Best wall time of `fn()` in ms over `repeats` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+GEMM_TOKENS = (1, 8, 32, 64, 128, 512)
+
+
+def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float, float, float]]:
     """Base GEMM of one 2B-width MLP projection (in 1536, out 8960, W4 g128 symmetric, bf16 activations):
-    (tokens, torch int4 GEMM ms, vLLM CPUWNA16 ms, bf16 `F.linear` ms), best of `repeats`."""
+    (tokens, torch int4 GEMM ms, vLLM CPUWNA16 ms, dequantize + dense GEMM ms, the plugin's dispatch ms, bf16
+    `F.linear` ms), best of `repeats`."""
     from unittest import mock
 
     import torch
@@ -202,6 +217,7 @@ def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float]]:
     from vllm.scalar_type import scalar_types
 
     from vllm_qe.format.packing import pack
+    from vllm_qe.runtime.kernels import int4pack_mm
 
     K, N, g = 1536, 8960, 128
     gen = torch.Generator().manual_seed(0)
@@ -222,20 +238,66 @@ def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float]]:
         kernel.process_weights_after_loading(layer)
     dense = (torch.randn(N, K, generator=gen) * 0.02).bfloat16()
     rows = []
-    for T in (1, 8, 128):
+    for T in GEMM_TOKENS:
         x = torch.randn(T, K, generator=gen).bfloat16()
-        times = []
-        for fn in (lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, g, sz),
-                   lambda x=x: kernel.apply_weights(layer, x), lambda x=x: torch.nn.functional.linear(x, dense)):
-            fn()
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t)
-            times.append(best * 1e3)
-        rows.append((T, *times))
+        fns = (lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, g, sz),
+               lambda x=x: kernel.apply_weights(layer, x),
+               lambda x=x: int4pack_mm(x, w4, g, sz, min_tokens=1),
+               lambda x=x: torch.ops.vllm_qe.int4pack_linear(x, w4, g, sz),
+               lambda x=x: torch.nn.functional.linear(x, dense))
+        rows.append((T, *(_best_ms(fn, repeats if T <= 128 else 2) for fn in fns)))
     return rows
+
+
+def decode_breakdown(layers: int, repeats: int = 10) -> dict[str, float]:
+    """What one batch-1 decode step of the benchmark model spends in its GEMMs, per op kind, in ms (best of
+    `repeats`, this process's threads): the quantized projections of `layers` text layers (qkv 1536->2048, o
+    1536->1536, gate_up 1536->17920, down 8960->1536) through torch's int4 GEMM vs bf16 `F.linear`, the bf16 lm_head
+    (vocabulary scaled as the model's), and the QE adapters at one token (router, argmin, shared + routed
+    shrink/expand, smoothing division: what `QELinearMethod.apply` adds, eager)."""
+    import torch
+
+    from vllm_qe.kernels.reference import route_grouped, router_scores
+    from vllm_qe.runtime.adapters import adapter_delta
+    from vllm_qe.runtime.kernels import int4pack_mm
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = -(-REAL_VOCAB * layers // REAL_LAYERS // 64) * 64
+    shapes = {"qkv_proj": (1536, [1536, 256, 256]), "o_proj": (1536, [1536]), "gate_up_proj": (1536, [8960, 8960]),
+              "down_proj": (8960, [1536])}
+    a = QE_ADAPTERS
+    E = a["num_routed"]
+    out = {"int4": 0.0, "bf16": 0.0, "adapters": 0.0}
+    for k, splits in shapes.values():
+        n = sum(splits)
+        q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([torch.rand(k // 128, n, generator=gen) * 0.01, torch.zeros(k // 128, n)], -1).bfloat16()
+        dense = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+        x = torch.randn(1, k, generator=gen).bfloat16()
+        m, r, rr = len(splits), a["shared_rank"], a["routed_rank"]
+        sa, sb = torch.randn(m * r, k).bfloat16(), torch.randn(n, r).bfloat16()
+        ra, rb = torch.randn(m * E * rr, k).bfloat16(), torch.randn(n, E * rr).bfloat16()
+        router, smooth = torch.rand(m * E, k), torch.rand(k) + 0.5
+
+        def qe(x=x, splits=splits, m=m, sa=sa, sb=sb, ra=ra, rb=rb, router=router, smooth=smooth):
+            ids = route_grouped(router_scores(x, router), m)
+            xs = (x.float() / smooth).to(x.dtype)
+            return xs, adapter_delta(x, splits, sa, sb, ra, rb, ids, E)
+
+        out["int4"] += layers * _best_ms(lambda x=x, w4=w4, sz=sz: int4pack_mm(x, w4, 128, sz), repeats)
+        out["bf16"] += layers * _best_ms(lambda x=x, d=dense: torch.nn.functional.linear(x, d), repeats)
+        out["adapters"] += layers * _best_ms(qe, repeats)
+    head = (torch.randn(vocab, 1536, generator=gen) * 0.02).bfloat16()
+    x = torch.randn(1, 1536, generator=gen).bfloat16()
+    out["lm_head"] = _best_ms(lambda: torch.nn.functional.linear(x, head), repeats)
+    return out
+
+
+def _min_tokens() -> int:
+    from vllm_qe.runtime.kernels import INT4_DEQUANT_MIN_TOKENS
+
+    return INT4_DEQUANT_MIN_TOKENS
 
 
 # -- driver ------------------------------------------------------------------------------------------------------------
@@ -305,7 +367,8 @@ def write_table(a, meta: dict, results: dict) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    table = render(results, a, meta.get("qe_bits"), meta.get("load"), adapters_microbench(), gemm_microbench())
+    table = render(results, a, meta.get("qe_bits"), meta.get("load"), adapters_microbench(), gemm_microbench(),
+                   decode_breakdown(a.layers))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(table)
     print(table)
@@ -313,7 +376,8 @@ def write_table(a, meta: dict, results: dict) -> int:
 
 
 def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
-           micro: list[tuple[int, float, float]], gemm: list[tuple[int, float, float, float]]) -> str:
+           micro: list[tuple[int, float, float]], gemm: list[tuple[int, float, float, float, float, float]],
+           decode: dict[str, float]) -> str:
     labels = list(LABELS)
     missing = {"summary": {"kernels": "not run", "layers": 0}, "quantized": {}}
     fp, w4, qe = (results.get(k, missing) for k in labels)
@@ -380,12 +444,34 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
               "punica ops (`bgmv_shrink` + `bgmv_expand`, which gather every token's adapter weights).", "",
               "| tokens | masked (ms) | vLLM torch punica (ms) |", "|---|---|---|"]
     lines += [f"| {t} | {m:.3f} | {p:.3f} |" for t, m, p in micro] + [""]
-    lines += ["Base GEMM of one MLP projection (in 1536, out 8960, W4 g128, bf16), per call, best of 5, "
-              f"{a.threads} thread(s): torch's int4 GEMM (what the plugin runs on CPU) vs vLLM's CPUWNA16 "
-              "(`cpu_gemm_wna16`, generic path: AMX is off in every vLLM process here) vs bf16 `F.linear`. "
-              "torch's int4 GEMM is a decode kernel: at prefill sizes the bf16 GEMM is faster.", "",
-              "| tokens | torch int4 (ms) | vLLM CPUWNA16 (ms) | bf16 F.linear (ms) |", "|---|---|---|---|"]
-    lines += [f"| {t} | {i4:.2f} | {wna:.2f} | {bf:.2f} |" for t, i4, wna, bf in gemm] + [""]
+    lines += ["Base GEMM of one MLP projection (in 1536, out 8960, W4 g128, bf16), per call, best of 5 (2 at 512 "
+              f"tokens), {a.threads} thread(s): torch's int4 GEMM vs vLLM's CPUWNA16 (`cpu_gemm_wna16`, generic path: "
+              "AMX is off in every vLLM process here) vs dequantizing torch's int4pack bytes (in column chunks) + "
+              "bf16 GEMM vs the plugin's dispatch (`vllm_qe::int4pack_linear`: int4 GEMM below "
+              f"{_min_tokens()} tokens, dequantize + GEMM from there) vs bf16 `F.linear` on a resident bf16 weight.",
+              "", "| tokens | torch int4 (ms) | vLLM CPUWNA16 (ms) | dequant + F.linear (ms) | plugin dispatch (ms) "
+              "| bf16 F.linear (ms) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {i4:.2f} | {wna:.2f} | {dq:.2f} | {disp:.2f} | {bf:.2f} |"
+              for t, i4, wna, dq, disp, bf in gemm] + [""]
+    step = {k: 1e3 / r["decode_tok_s_b1"] for k, r in (("bf16", fp), ("w4", w4), ("qe", qe))
+            if "decode_tok_s_b1" in r}
+    gemm_w4, gemm_bf = decode["int4"] + decode["lm_head"], decode["bf16"] + decode["lm_head"]
+    lines += ["One batch-1 decode step: its GEMMs timed outside vLLM (this process, "
+              f"{a.threads} thread(s), best of 10; `decode_breakdown`) against the step time served above "
+              "(1 / decode tok/s). The rest of a step is attention, norms, rotary, sampling over the vocabulary, "
+              "the scheduler and vLLM's Python.", "",
+              "| ms per decode step, batch 1 | bf16 | W4 | W4 + QE |", "|---|---|---|---|",
+              f"| quantized projections ({a.layers} layers) | {decode['bf16']:.1f} | {decode['int4']:.1f} | "
+              f"{decode['int4']:.1f} |",
+              f"| QE adapters + router + smoothing (eager) | - | - | {decode['adapters']:.1f} |",
+              f"| lm_head (bf16, unquantized) | {decode['lm_head']:.1f} | {decode['lm_head']:.1f} | "
+              f"{decode['lm_head']:.1f} |",
+              "| served step (1 / decode tok/s) | " + " | ".join(
+                  f"{step[k]:.1f}" if k in step else "n/a" for k in ("bf16", "w4", "qe")) + " |",
+              "| rest of the step (served - GEMMs) | " + " | ".join(
+                  f"{step[k] - g:.1f}" if k in step else "n/a"
+                  for k, g in (("bf16", gemm_bf), ("w4", gemm_w4), ("qe", gemm_w4 + decode["adapters"]))) + " |",
+              ""]
     return "\n".join(lines)
 
 

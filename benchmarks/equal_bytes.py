@@ -177,7 +177,7 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
         "single-set table ranks calibration sets, not methods. KL column: the per-set values and their mean with a "
         "bootstrap interval over the pooled chats (held-out noise only). Ratio column: KL over GPTQ W4 g128's on "
         "the same calibration set, geometric mean over sets, with a 95 % two-level bootstrap interval (sets, then "
-        "chats; `calibration/bootstrap.py: paired_ratio_interval`) — read a row as better or worse than GPTQ W4 "
+        "chats, crossed; `calibration/bootstrap.py: paired_ratio_interval`) — read a row as better or worse than GPTQ W4 "
         "g128 only when that interval excludes 1.",
         "",
         "| fixture | configuration | bits/weight | KL per calibration set | KL mean [95 % CI, chats] | "

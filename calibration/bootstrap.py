@@ -6,7 +6,8 @@ agreement: per-question numerators over per-question token counts). Questions ar
 
 `paired_ratio_interval` adds the second source of noise of a quantizer comparison: the calibration set. Two methods
 calibrated on the same S calibration sets and scored on the same held-out questions are compared by the geometric
-mean over sets of their per-set ratio; the interval resamples sets, then questions (two-level bootstrap).
+mean over sets of their per-set ratio; the interval resamples sets and questions (crossed: every checkpoint was
+scored on the same questions, so one question draw serves every drawn set and both methods).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def bootstrap_interval(num: torch.Tensor, den: torch.Tensor | None = None, *, re
 def paired_ratio_interval(num_a: torch.Tensor, num_b: torch.Tensor, *, resamples: int = 2000,
                           level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Geometric mean over calibration sets of `Σ num_a / Σ num_b` (e.g. KL of method A over method B), with a
-    two-level percentile bootstrap interval: calibration sets resampled with replacement, then questions.
+    two-level percentile bootstrap interval: calibration sets and questions resampled with replacement, crossed
+    (one question draw per replicate, shared by the drawn sets and both methods: paired).
 
     num_a, num_b: [S, n] per-set, per-question sums (e.g. KL summed over a question's tokens; the same n questions
     for both methods and every set, so token counts cancel in the ratio). Returns (estimate, low, high);
@@ -57,9 +59,9 @@ def paired_ratio_interval(num_a: torch.Tensor, num_b: torch.Tensor, *, resamples
     estimate = float(torch.log(a.sum(1) / b.sum(1)).mean().exp())
     g = torch.Generator().manual_seed(seed)
     sets = torch.randint(0, s_sets, (resamples, s_sets), generator=g)
-    qs = torch.randint(0, n, (resamples, s_sets, n), generator=g)
-    rows = sets[:, :, None].expand(-1, -1, n)
-    ratio = a[rows, qs].sum(-1) / b[rows, qs].sum(-1)
+    qs = torch.randint(0, n, (resamples, 1, n), generator=g)
+    rows = sets[:, :, None]
+    ratio = a[rows, qs].sum(-1) / b[rows, qs].sum(-1)  # [resamples, S]
     stats = torch.log(ratio).mean(-1).exp()
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(stats, q).tolist()
