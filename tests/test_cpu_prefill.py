@@ -109,3 +109,38 @@ def test_int4pack_kernel_is_one_opaque_op_under_dynamic_compile():
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert sum(t.startswith("vllm_qe.int4pack_linear") for t in targets) == 1, targets
     assert not any("_weight_int4pack_mm" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("splits, shared_rank, num_experts", [
+    ([96, 32, 32], 4, 4),  # qkv: unequal modules
+    ([80, 80], 0, 3),  # gate/up, routed only
+    ([64], 2, 0),  # shared only
+])
+def test_packed_adapters_equal_the_per_module_math(splits, shared_rank, num_experts):
+    """The served adapter form (one shrink for all modules and kinds, one expand per module) = per module
+    `x·A_sᵀ·B_sᵀ + x·A_eᵀ·B_eᵀ` with `e` the token's expert (float32: to summation order)."""
+    from vllm_qe.runtime.adapters import adapter_delta, pack_adapters
+
+    g = torch.Generator().manual_seed(len(splits))
+    n, k, rr, T, out = len(splits), 48, 3, 7, sum(splits)
+    sa = torch.randn(n * shared_rank, k, generator=g) if shared_rank else None
+    sb = torch.randn(out, shared_rank, generator=g) if shared_rank else None
+    ra = torch.randn(n * num_experts * rr, k, generator=g) if num_experts else None
+    rb = torch.randn(out, num_experts * rr, generator=g) if num_experts else None
+    ids = torch.randint(0, max(num_experts, 1), (T, n), generator=g)
+    x = torch.randn(T, k, generator=g)
+    want = torch.zeros(T, out)
+    o0 = 0
+    for m, width in enumerate(splits):
+        cols = slice(o0, o0 + width)
+        if shared_rank:
+            want[:, cols] += x @ sa[m * shared_rank:(m + 1) * shared_rank].t() @ sb[cols].t()
+        for t in range(T):
+            if num_experts:
+                e = m * num_experts + int(ids[t, m])
+                want[t, cols] += x[t] @ ra[e * rr:(e + 1) * rr].t() @ rb[cols, (e % num_experts) * rr:][:, :rr].t()
+        o0 += width
+    a, b = pack_adapters(splits, sa, sb, ra, rb)
+    assert a.shape == (n * (shared_rank + num_experts * rr), k) and b.shape == (out, shared_rank + num_experts * rr)
+    got = adapter_delta(x, splits, a, b, ids if num_experts else None, shared_rank, num_experts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

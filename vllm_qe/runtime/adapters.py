@@ -1,15 +1,18 @@
-"""Low-rank adapters of a QE linear layer as per-token LoRA: one shrink for all fused modules, one expand per module.
+"""Low-rank adapters of a QE linear layer as per-token LoRA: one shrink for everything, one expand per module.
 
-A layer fuses `n` checkpoint modules along its output (q/k/v, gate/up). The shared adapter is a plain LoRA:
-`h = x·A_sᵀ` (`A_s` `[n·r, in]`, one GEMM), then module `g`'s output columns get `h_g·B_s[cols_g]ᵀ`. The routed
-experts are LoRA with a per-token adapter index (the router's argmin per module), the work vLLM's punica ops do
-(`bgmv_shrink` / `bgmv_expand_slice`). Two implementations, same math:
+A layer fuses `n` checkpoint modules along its output (q/k/v, gate/up). Module `g` has a shared adapter (plain
+LoRA, `A_s` `[r, in]`, `B_s` `[out_g, r]`) and `E` routed experts (LoRA with a per-token adapter index, the
+router's argmin for that module: the work vLLM's punica ops `bgmv_shrink` / `bgmv_expand_slice` do). Served form
+(`pack_adapters`, built once at load): every module's shared and routed A rows stacked into one `[n·c, in]` matrix
+(`c = r + E·r_e` rows per module, shared first) and each module's B columns side by side, `[out, c]`. A forward is
+then one shrink GEMM `x·Aᵀ` for all modules and both kinds, a mask that zeroes the routed blocks of experts a token
+did not pick, and one expand GEMM per module (`adapter_delta`): few thin GEMMs, no gather of weights per token, no
+host synchronisation (graph-safe, CUDA-graph-safe). At one token (decode) every op is a fixed cost, so the number
+of ops is what the adapters cost; the unpacked form (`adapter_delta_unpacked`: one shrink per kind and module, two
+expands per module) ran ~2x the GEMM calls.
 
-- `routed_masked` (default): shrink with every expert's A at once (`[T, n·E·r]`, one GEMM), zero the blocks of
-  experts a token did not pick, expand with `[out_g, E·r]` per module. With E·r ≲ 64 this is a few thin GEMMs,
-  no gather of weights per token, no host synchronisation (graph-safe, CUDA-graph-safe).
-- `routed_punica`: vLLM's torch punica ops (`vllm.lora.ops.torch_ops`), which gather each token's `[r, in]` /
-  `[out, r]` weights (T copies): measured slower on CPU (benchmarks/cpu_serving.py `--adapters-microbench`).
+`routed_punica` is the same routed math through vLLM's torch punica ops (`vllm.lora.ops.torch_ops`), which gather
+each token's `[r, in]` / `[out, r]` weights (T copies): measured slower on CPU (benchmarks/cpu_serving.py).
 
 Weights are held in the activation dtype; the router stays float32 (`[n·E, in]`, tiny) so routing decisions
 are made as the reference makes them.
@@ -43,7 +46,41 @@ def routed_punica(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ids_g: torc
     return y
 
 
-def adapter_delta(x: torch.Tensor, out_splits: list[int], shared_a: torch.Tensor | None,
+def pack_adapters(out_splits: list[int], shared_a: torch.Tensor | None, shared_b: torch.Tensor | None,
+                  routed_a: torch.Tensor | None, routed_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Served form of a layer's adapters: `shared_a` `[n·r, in]`, `shared_b` `[out, r]`, `routed_a` `[n·E·r_e, in]`
+    (module-major, then expert), `routed_b` `[out, E·r_e]` (either kind may be None) -> (`a` `[n·c, in]`: module
+    `g`'s shared rows then its routed rows; `b` `[out, c]`: shared columns then routed columns), `c = r + E·r_e`."""
+    n = len(out_splits)
+    a_parts = [t.reshape(n, -1, t.shape[-1]) for t in (shared_a, routed_a) if t is not None]
+    b_parts = [t for t in (shared_b, routed_b) if t is not None]
+    a = torch.cat(a_parts, dim=1).reshape(-1, a_parts[0].shape[-1])
+    return a.contiguous(), torch.cat(b_parts, dim=1).contiguous()
+
+
+def adapter_delta(x: torch.Tensor, out_splits: list[int], a: torch.Tensor, b: torch.Tensor,
+                  expert_ids: torch.Tensor | None, shared_rank: int, num_experts: int) -> torch.Tensor:
+    """Sum of the shared and routed adapters of a layer `[T, out]` in `a.dtype`, from `pack_adapters`' form:
+    `a` `[n·c, in]`, `b` `[out, c]`, `expert_ids` `[T, n]` (None without routed experts)."""
+    n = len(out_splits)
+    h = x.to(a.dtype) @ a.t()  # [T, n·c]
+    T, c = h.shape[0], b.shape[1]
+    if num_experts:
+        hv = h.view(T, n, c)
+        pick = (expert_ids.unsqueeze(-1) == torch.arange(num_experts, device=h.device)).to(h.dtype)  # [T, n, E]
+        routed = (hv[:, :, shared_rank:].reshape(T, n, num_experts, -1) * pick.unsqueeze(-1)).reshape(T, n, -1)
+        h = torch.cat([hv[:, :, :shared_rank], routed], dim=-1).reshape(T, n * c) if shared_rank else \
+            routed.reshape(T, n * c)
+    if n == 1:
+        return h @ b.t()
+    parts, o0 = [], 0
+    for g, width in enumerate(out_splits):
+        parts.append(h[:, g * c:(g + 1) * c] @ b[o0:o0 + width].t())
+        o0 += width
+    return torch.cat(parts, dim=1)
+
+
+def adapter_delta_unpacked(x: torch.Tensor, out_splits: list[int], shared_a: torch.Tensor | None,
                   shared_b: torch.Tensor | None, routed_a: torch.Tensor | None, routed_b: torch.Tensor | None,
                   expert_ids: torch.Tensor | None, num_experts: int) -> torch.Tensor:
     """Sum of the shared and routed adapters of a layer `[T, out]` in `x.dtype`.

@@ -8,7 +8,7 @@ partial scores are all-reduced in row-parallel layers so every rank picks the sa
 
 At load the base GEMM kernel is chosen once (runtime/kernels.py: vLLM's mixed-precision kernels first, then
 torch's CPU int4 GEMM or the project's Triton GEMM); the weights stay packed. Adapters run as per-token LoRA
-(runtime/adapters.py). The forward is plain torch plus registered ops, with no host synchronisation, so vLLM's
+(runtime/adapters.py: one shrink for all modules and both kinds, one expand per module). The forward is plain torch plus registered ops, with no host synchronisation, so vLLM's
 torch.compile traces it.
 """
 
@@ -30,7 +30,7 @@ from vllm_qe.format.packing import packed_width, shard_unit
 from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
 from vllm_qe.kernels.reference import route_grouped, router_scores
-from vllm_qe.runtime.adapters import adapter_delta
+from vllm_qe.runtime.adapters import adapter_delta, pack_adapters
 from vllm_qe.runtime.kernels import KernelTarget, QEGemmKernel, QELayerSpec, choose_kernel, log_choice
 
 _SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
@@ -160,23 +160,25 @@ class QELinearMethod(LinearMethodBase):
         return kernel
 
     def _prepare_adapters(self, layer: torch.nn.Module) -> None:
-        """Adapters in the activation dtype, laid out for `adapter_delta`: routed A `[n·E·r, in]`, routed B
-        `[out, E·r]`; the router stays float32."""
-        dt = layer.qe_act_dtype
+        """Adapters in the activation dtype, in `pack_adapters`' served form (`qe_adapter_a` `[n·c, in]`,
+        `qe_adapter_b` `[out, c]`); the router stays float32."""
         a = self.scheme.adapters
-
-        def replace(name: str, t: torch.Tensor | None) -> None:
-            delattr(layer, name)
-            setattr(layer, name, torch.nn.Parameter(t.to(dt).contiguous(), requires_grad=False))
-
-        if a.shared_rank:
-            replace(spec.SHARED_A, layer.shared_a.data)
-            replace(spec.SHARED_B, layer.shared_b.data)
+        if not (a.shared_rank or a.num_routed):
+            return
+        dt = layer.qe_act_dtype
+        shared_a, shared_b = (layer.shared_a.data, layer.shared_b.data) if a.shared_rank else (None, None)
+        routed_a = routed_b = None
         if a.num_routed:
             ra, rb = layer.routed_a.data, layer.routed_b.data  # [n*E, r, in], [E, out, r]
-            replace(spec.ROUTED_A, ra.reshape(-1, ra.shape[-1]))
-            replace(spec.ROUTED_B, rb.permute(1, 0, 2).reshape(rb.shape[1], -1))
+            routed_a, routed_b = ra.reshape(-1, ra.shape[-1]), rb.permute(1, 0, 2).reshape(rb.shape[1], -1)
             layer.router = torch.nn.Parameter(layer.router.data.float(), requires_grad=False)
+        pa, pb = pack_adapters(layer.qe_out_splits, *(None if t is None else t.to(dt) for t in
+                                                      (shared_a, shared_b, routed_a, routed_b)))
+        for name in (spec.SHARED_A, spec.SHARED_B, spec.ROUTED_A, spec.ROUTED_B):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.qe_adapter_a = torch.nn.Parameter(pa, requires_grad=False)
+        layer.qe_adapter_b = torch.nn.Parameter(pb, requires_grad=False)
 
     # -- apply -------------------------------------------------------------------------------------------------
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,9 +204,8 @@ class QELinearMethod(LinearMethodBase):
             absmax = get_tp_group().all_gather(local, dim=-1).amax(dim=-1, keepdim=True)
         y = self.kernel.forward(layer, x2, layer.qe_smooth, absmax)
         if a.shared_rank or a.num_routed:
-            y = y + adapter_delta(x2, layer.qe_out_splits, getattr(layer, spec.SHARED_A, None),
-                                  getattr(layer, spec.SHARED_B, None), getattr(layer, spec.ROUTED_A, None),
-                                  getattr(layer, spec.ROUTED_B, None), expert_ids, a.num_routed).to(y.dtype)
+            y = y + adapter_delta(x2, layer.qe_out_splits, layer.qe_adapter_a, layer.qe_adapter_b, expert_ids,
+                                  a.shared_rank, a.num_routed).to(y.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])
