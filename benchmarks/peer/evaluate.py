@@ -6,7 +6,8 @@ compressed-tensors (`quantization_config.quant_method == "compressed-tensors"`, 
 below, no compressed-tensors import) or as a vllm-qe checkpoint (the project's format functions:
 `read_qe_config`, `load_tensors`, `QuantizedLinear.from_tensors(...).dequantized_weight()`; cross-checked
 against the project's fake-quant loader on the first chat). Per checkpoint OUT.json gets per-chat sums (KL,
-top-1 hits, positions) for paired bootstrap intervals, the quantized module names and bits per weight.
+top-1 hits, positions; over every position and over the text positions only) for paired bootstrap intervals, the
+quantized module names and bits per weight.
 """
 
 from __future__ import annotations
@@ -160,14 +161,31 @@ def log_probs(model, chats: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]
     return [torch.log_softmax(model(**c).logits[0].double(), -1) for c in chats]
 
 
-def per_chat(fp: list[torch.Tensor], q: list[torch.Tensor]) -> dict[str, list[float]]:
-    """Per chat: sum over every position of KL(P_fp || P_q) (nats), top-1 agreements, number of positions."""
-    kl, top1, n = [], [], []
-    for a, b in zip(fp, q):
-        kl.append(float((a.exp() * (a - b)).sum()))
-        top1.append(int((a.argmax(-1) == b.argmax(-1)).sum()))
-        n.append(a.shape[0])
-    return {"kl_sum": kl, "top1_hits": top1, "positions": n}
+def per_chat(fp: list[torch.Tensor], q: list[torch.Tensor], text: list[torch.Tensor]) -> dict[str, list[float]]:
+    """Per chat: sum over every position of KL(P_fp || P_q) (nats), top-1 agreements, number of positions; the
+    same over the text positions only (`text[i]`: bool [T], the positions whose input token is not an image
+    placeholder: the model's hidden state there starts from a text embedding, not from vision features)."""
+    out: dict[str, list[float]] = {k: [] for k in ("kl_sum", "top1_hits", "positions", "kl_sum_text",
+                                                   "top1_hits_text", "positions_text")}
+    for a, b, m in zip(fp, q, text):
+        kl = (a.exp() * (a - b)).sum(-1)
+        hit = a.argmax(-1) == b.argmax(-1)
+        out["kl_sum"].append(float(kl.sum()))
+        out["top1_hits"].append(int(hit.sum()))
+        out["positions"].append(a.shape[0])
+        out["kl_sum_text"].append(float(kl[m].sum()))
+        out["top1_hits_text"].append(int(hit[m].sum()))
+        out["positions_text"].append(int(m.sum()))
+    return out
+
+
+def text_positions(fixture: Path, chats: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per chat, bool [T]: input token is not the image placeholder (`image_token_id` in the fixture's config)."""
+    cfg = json.loads((fixture / "config.json").read_text())
+    image_id = cfg.get("image_token_id", cfg.get("image_token_index"))
+    if image_id is None:
+        raise ValueError(f"{fixture}/config.json: no image_token_id (needed to separate text from image positions)")
+    return [c["input_ids"][0] != image_id for c in chats]
 
 
 def write_eval_chats(fixture: Path, path: Path, n: int) -> None:
@@ -200,6 +218,7 @@ def main() -> int:
     chats = load_chats(Path(a.eval_chats))
     fp_model = AutoModelForImageTextToText.from_pretrained(str(fixture), dtype=torch.float32).eval()
     lp_fp = log_probs(fp_model, chats)
+    text = text_positions(fixture, chats)
     results = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     for ck in map(Path, a.checkpoints):
         kind, weights, bpw, args = read_checkpoint(ck)
@@ -228,7 +247,7 @@ def main() -> int:
                 raise RuntimeError(f"{ck}: substituted weights disagree with the fake-quant loader ({check:.2e})")
         n_weights = sum(v[2] for v in bpw.values())
         results[str(ck)] = {
-            "kind": kind, "args": args, "modules": sorted(weights), **per_chat(lp_fp, lp_q),
+            "kind": kind, "args": args, "modules": sorted(weights), **per_chat(lp_fp, lp_q, text),
             "bpw": sum(v[0] for v in bpw.values()) / n_weights, "n_weights": n_weights,
             "bpw_16bit_floats": sum(v[1] for v in bpw.values()) / n_weights,
             "fakequant_max_abs_logprob_diff": check, "fp_logits_other_venv_max_abs_diff": fp_check,
@@ -236,7 +255,8 @@ def main() -> int:
         }
         r = results[str(ck)]
         print(f"{ck.name}: KL {sum(r['kl_sum']) / sum(r['positions']):.5f}  top-1 "
-              f"{sum(r['top1_hits']) / sum(r['positions']):.4f}  bpw {r['bpw']:.3f}  ({len(weights)} modules)")
+              f"{sum(r['top1_hits']) / sum(r['positions']):.4f}  text positions: KL "
+              f"{sum(r['kl_sum_text']) / sum(r['positions_text']):.3g}  bpw {r['bpw']:.3f}  ({len(weights)} modules)")
         Path(a.out).write_text(json.dumps(results, indent=1))
     return 0
 

@@ -190,15 +190,20 @@ def run_llmc(venv: Path, fixture: Path, out: Path, setting: str, ignore: list[st
 
 
 # -- 5./6. statistics and the document ----------------------------------------------------------------------------
-def chat_stats(r: dict, w: list[int]) -> tuple[float, float]:
-    """(KL, top-1) of one checkpoint over the held-out chats, token-weighted, chat i counted `w[i]` times."""
-    pos = sum(wi * p for wi, p in zip(w, r["positions"]))
-    return (sum(wi * k for wi, k in zip(w, r["kl_sum"])) / pos,
-            sum(wi * t for wi, t in zip(w, r["top1_hits"])) / pos)
+def chat_stats(r: dict, w: list[int], part: str = "") -> tuple[float, float]:
+    """(KL, top-1) of one checkpoint over the held-out chats, token-weighted, chat i counted `w[i]` times;
+    `part` "" for every position, "_text" for the text positions only."""
+    pos = sum(wi * p for wi, p in zip(w, r["positions" + part]))
+    return (sum(wi * k for wi, k in zip(w, r["kl_sum" + part])) / pos,
+            sum(wi * t for wi, t in zip(w, r["top1_hits" + part])) / pos)
+
+
+CHAT_KEYS = ("kl_sum", "top1_hits", "positions", "kl_sum_text", "top1_hits_text", "positions_text")
+TEXT_KL_FLOOR = 1e-9  # below it a tool's mean text-position KL is float64 round-off: no ratio is formed
 
 
 def bootstrap(qs: list[dict], ls: list[dict], resample_seeds: bool = True, n_boot: int = 2000,
-              seed: int = 0) -> dict:
+              seed: int = 0, part: str = "") -> dict:
     """Point values and 95 % percentile intervals for one (fixture, setting) calibrated on S seeds.
 
     `qs[s]` / `ls[s]`: per-chat sums (`kl_sum`, `top1_hits`, `positions`) of vllm-qe's / llm-compressor's
@@ -207,18 +212,20 @@ def bootstrap(qs: list[dict], ls: list[dict], resample_seeds: bool = True, n_boo
     vllm-qe / llm-compressor. One bootstrap replicate draws S seeds with replacement (unless `resample_seeds` is
     false) and, independently, n chats with replacement; the same chat draw is used for every drawn seed and both
     tools (seeds and chats are crossed, not nested: every checkpoint is scored on the same chats), so the ratio's
-    interval is paired and covers both the calibration-set and the held-out-chat sampling noise."""
+    interval is paired and covers both the calibration-set and the held-out-chat sampling noise. `part`: as in
+    `chat_stats`; where either tool's KL is below TEXT_KL_FLOOR the ratio is None."""
     n, n_seeds = len(qs[0]["positions"]), len(qs)
     for r in (*qs, *ls):
-        if r["positions"] != qs[0]["positions"]:
+        if r["positions" + part] != qs[0]["positions" + part]:
             raise ValueError("bootstrap: the checkpoints were not scored on the same held-out chats")
     rng = random.Random(seed)
 
-    def stat(ss: list[int], w: list[int]) -> tuple[float, ...]:
-        q = [chat_stats(qs[s], w) for s in ss]
-        ll = [chat_stats(ls[s], w) for s in ss]
+    def stat(ss: list[int], w: list[int]) -> tuple[float | None, ...]:
+        q = [chat_stats(qs[s], w, part) for s in ss]
+        ll = [chat_stats(ls[s], w, part) for s in ss]
         k = len(ss)
-        ratio = math.exp(sum(math.log(a[0] / b[0]) for a, b in zip(q, ll)) / k)
+        ratio = (None if min(x[0] for x in q + ll) < TEXT_KL_FLOOR else
+                 math.exp(sum(math.log(a[0] / b[0]) for a, b in zip(q, ll)) / k))
         return (sum(a[0] for a in q) / k, sum(b[0] for b in ll) / k, ratio,
                 sum(a[1] for a in q) / k, sum(b[1] for b in ll) / k)
 
@@ -231,7 +238,12 @@ def bootstrap(qs: list[dict], ls: list[dict], resample_seeds: bool = True, n_boo
             w[rng.randrange(n)] += 1
         reps.append(stat(ss, w))
     out = dict(zip(("kl_q", "kl_l", "ratio", "top1_q", "top1_l"), full))
+    if not reps:
+        return out
     for j, key in enumerate(("kl_q", "kl_l", "ratio")):
+        if any(r[j] is None for r in reps):
+            out[key + "_ci"] = None
+            continue
         v = sorted(r[j] for r in reps)
         out[key + "_ci"] = (v[int(0.025 * n_boot)], v[int(0.975 * n_boot) - 1])
     return out
@@ -254,8 +266,13 @@ def aggregate(results: dict) -> list[dict]:
             rows.append({
                 "fixture": fx, "setting": st, "seeds": [int(s) for s in seeds], "n_layers": es[0]["n_layers"],
                 "both": bootstrap(qs, ls), "chats_only": bootstrap(qs, ls, resample_seeds=False),
+                "text": bootstrap(qs, ls, part="_text") if "kl_sum_text" in qs[0] else None,
                 "per_seed": [{"seed": int(s), **bootstrap([e["vllm_qe"]], [e["llmc"]]),
+                              "text": (bootstrap([e["vllm_qe"]], [e["llmc"]], n_boot=0, part="_text")
+                                       if "kl_sum_text" in e["vllm_qe"] else None),
                               "t_vllm_qe": e["t_vllm_qe"], "t_llmc": e["t_llmc"]} for s, e in zip(seeds, es)],
+                "text_share": tuple(sum(sum(r["kl_sum_text"]) / sum(r["kl_sum"]) for r in rs) / len(rs)
+                                    for rs in (qs, ls)) if "kl_sum_text" in qs[0] else None,
                 "bpw_vllm_qe": mean("bpw_vllm_qe"), "bpw_llmc": mean("bpw_llmc"), "bpw16_llmc": mean("bpw16_llmc"),
                 "bpw_varies": len({(e["bpw_vllm_qe"], e["bpw_llmc"]) for e in es}) > 1,
                 "t_vllm_qe": mean("t_vllm_qe"), "t_llmc": mean("t_llmc"),
@@ -296,6 +313,47 @@ def git_state() -> str:
 
 def seeds_text(seeds: list[int]) -> str:
     return ",".join(map(str, seeds))
+
+
+def text_summary(rows: list[dict]) -> str:
+    """The summary line's sentence on the text-position KL ratio."""
+    rs = [r for r in rows if r["text"] is not None]
+    if not rs:
+        return ""
+    na = [r for r in rs if r["text"]["ratio_ci"] is None]
+    ok = [r for r in rs if r["text"]["ratio_ci"] is not None]
+    below = sum(r["text"]["ratio_ci"][1] < 1 for r in ok)
+    above = sum(r["text"]["ratio_ci"][0] > 1 for r in ok)
+    return (f" At the text positions only (second table): below 1 on {below}, above 1 on {above}, straddling on "
+            f"{len(ok) - below - above}" + (f", no ratio on {len(na)} (text-position KL at float64 round-off: "
+                                             f"{', '.join(sorted({r['fixture'] for r in na}))})" if na else "")
+            + ".")
+
+
+def text_table(rows: list[dict]) -> list[str]:
+    """The text-positions-only table (empty when the evaluation predates the text-position sums)."""
+    rs = [r for r in rows if r["text"] is not None]
+    if not rs:
+        return []
+    lines = [
+        "",
+        "**Text positions only** (the positions whose input token is not an image placeholder; same seeds, chats",
+        "and two-level bootstrap as above; `n/a`: a tool's text-position KL is below "
+        f"{TEXT_KL_FLOOR:g} nats, i.e. float64 round-off, so no ratio is formed):",
+        "",
+        "| fixture | setting | vllm-qe KL (top-1) [95 % CI] | llm-compressor KL (top-1) [95 % CI] | KL ratio vllm-qe / "
+        "llmc [95 % CI, seeds + chats] | share of the all-position KL at text positions, vllm-qe / llmc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rs:
+        t = r["text"]
+        ratio = "n/a" if t["ratio"] is None else f"**{t['ratio']:.2f}** {fmt_ci(t['ratio_ci'], 2)}"
+        lines.append(
+            f"| {r['fixture']} | {SETTINGS[r['setting']][3]} | {t['kl_q']:.3g} ({100 * t['top1_q']:.1f} %) "
+            f"[{t['kl_q_ci'][0]:.3g}, {t['kl_q_ci'][1]:.3g}] | {t['kl_l']:.3g} ({100 * t['top1_l']:.1f} %) "
+            f"[{t['kl_l_ci'][0]:.3g}, {t['kl_l_ci'][1]:.3g}] | {ratio} | "
+            f"{100 * r['text_share'][0]:.1f} % / {100 * r['text_share'][1]:.1f} % |")
+    return lines
 
 
 def write_doc(path: Path, sm: dict) -> str:
@@ -341,6 +399,7 @@ def write_doc(path: Path, sm: dict) -> str:
         f"{len(rows) - len(below) - len(above)}; the point ratio (geometric mean over seeds) is at or below 1 on "
         f"{len(at_or_below)} of {len(rows)}; vllm-qe's mean calibration time is within 1.5x of llm-compressor's on "
         f"{len(fast)} of {len(rows)}."
+        + text_summary(rows)
         + (f" **Partial:** {len(partial)} row(s) have fewer seeds than requested (see the Seeds column)."
            if partial else ""))
     lines += [
@@ -360,6 +419,7 @@ def write_doc(path: Path, sm: dict) -> str:
             f"{r['bpw_vllm_qe']:.3f} / {r['bpw_llmc']:.3f} ({r['bpw16_llmc']:.3f})"
             f"{' (varies by seed!)' if r['bpw_varies'] else ''} | "
             f"{r['t_vllm_qe']:.1f} / {r['t_llmc']:.1f} ({r['t_vllm_qe'] / r['t_llmc']:.2f}x) |")
+    lines += text_table(rows)
     lines += [
         "",
         "Columns: KL(P_FP || P_Q) in nats, full vocabulary, teacher-forced, averaged over every position of the",
@@ -394,15 +454,18 @@ def write_doc(path: Path, sm: dict) -> str:
         "### Per calibration seed",
         "",
         "| fixture | setting | seed | vllm-qe KL (top-1) | llm-compressor KL (top-1) | KL ratio [95 % CI, chats only] | "
-        "calibration s vllm-qe / llmc |",
-        "|---|---|---|---|---|---|---|",
+        "text positions: KL vllm-qe / llmc (ratio) | calibration s vllm-qe / llmc |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for p in r["per_seed"]:
+            t = p["text"]
+            tt = ("—" if t is None else f"{t['kl_q']:.3g} / {t['kl_l']:.3g} ("
+                  + ("n/a" if t["ratio"] is None else f"{t['ratio']:.2f}") + ")")
             lines.append(
                 f"| {r['fixture']} | {SETTINGS[r['setting']][3]} | {p['seed']} | {fmt_kl(p['kl_q'])} "
                 f"({100 * p['top1_q']:.1f} %) | {fmt_kl(p['kl_l'])} ({100 * p['top1_l']:.1f} %) | "
-                f"{p['ratio']:.2f} {fmt_ci(p['ratio_ci'], 2)} | {p['t_vllm_qe']:.1f} / {p['t_llmc']:.1f} |")
+                f"{p['ratio']:.2f} {fmt_ci(p['ratio_ci'], 2)} | {tt} | {p['t_vllm_qe']:.1f} / {p['t_llmc']:.1f} |")
     commentary = HERE / "commentary.md"
     if commentary.is_file():
         text = commentary.read_text()
@@ -582,8 +645,8 @@ def main() -> int:
                 ps = per_setting[st]
                 e_q, e_l = ev[ps["vllm_qe_dir"]], ev[ps["llmc_dir"]]
                 sm["results"][fx].setdefault(st, {})[str(seed)] = {
-                    "vllm_qe": {k: e_q[k] for k in ("kl_sum", "top1_hits", "positions")},
-                    "llmc": {k: e_l[k] for k in ("kl_sum", "top1_hits", "positions")},
+                    "vllm_qe": {k: e_q[k] for k in CHAT_KEYS},
+                    "llmc": {k: e_l[k] for k in CHAT_KEYS},
                     "n_layers": len(e_q["modules"]), "calib_sha256": ps["calib_sha256"],
                     "bpw_vllm_qe": e_q["bpw"], "bpw_llmc": e_l["bpw"], "bpw16_llmc": e_l["bpw_16bit_floats"],
                     "t_vllm_qe": ps["vllm_qe"]["span_seconds"], "t_llmc": ps["llmc"]["seconds"]["span"],
