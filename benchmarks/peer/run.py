@@ -50,7 +50,7 @@ SETTINGS: dict[str, tuple[int, int, bool, str]] = {
 }
 DEFAULT_FIXTURES = "qwen2_5_vl-odd,qwen2_vl-256"
 DEFAULT_SEEDS = "0,1,2"
-ESTIMATE_MIN_PER_SEED = 15  # measured: see the doc's "took N min" line
+ESTIMATE_MIN_PER_SEED = 5  # measured: 3 seeds in 12-16 min on the shared 2 cores (the doc's "took N min")
 LLMC_SPEC = "llmcompressor==0.14.*"
 LM_LINEAR = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.(.+)\.weight$")
 
@@ -368,8 +368,9 @@ def write_doc(path: Path, sm: dict) -> str:
         "",
         f"Regenerate (on 2 shared cores: about {ESTIMATE_MIN_PER_SEED} min per calibration seed, so about "
         f"{ESTIMATE_MIN_PER_SEED * 3} min for the",
-        "default three, with the venv and fixtures cached under `runs/peer` and `/work/venvs/llmc`, plus about",
-        "10 min to build them the first time; `--calib-seeds 0` is the quick one-seed run):",
+        "default three, up to twice that when the machine is busy, with the venv and fixtures cached under",
+        "`runs/peer` and `/work/venvs/llmc`, plus about 10 min to build them the first time; `--calib-seeds 0` is",
+        "the quick one-seed run):",
         "",
         "```bash",
         sm["cmd"],
