@@ -115,7 +115,9 @@ def add_qe_adapters(rtn: Path, out: Path, seed: int = 0) -> tuple[Path, float]:
 
 
 # -- one variant, inside its own process ------------------------------------------------------------------------------
-def run_variant(ckpt: str, quantized: bool, repeats: int, eager: bool) -> dict:
+def run_variant(ckpt: str, quantized: bool, repeats: int, eager: bool, profile_dir: str | None = None) -> dict:
+    """Serve `ckpt` with `vllm.LLM` and measure it (module docstring); with `profile_dir`, instead profile 16
+    batch-1 decode steps with torch's profiler in the worker and return `decode_profile`'s table."""
     import random
 
     from vllm import LLM, SamplingParams
@@ -129,6 +131,9 @@ def run_variant(ckpt: str, quantized: bool, repeats: int, eager: bool) -> dict:
         kw.pop("quantization")
     if eager:
         kw["enforce_eager"] = True
+    if profile_dir:
+        kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": os.path.abspath(profile_dir),
+                                 "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
@@ -147,6 +152,16 @@ def run_variant(ckpt: str, quantized: bool, repeats: int, eager: bool) -> dict:
         return best
 
     timed(prompts(2, 16), 4)  # warm-up
+    if profile_dir:
+        ps, steps = prompts(1, 8), 16
+        sp = SamplingParams(max_tokens=1 + steps, temperature=0.0, ignore_eos=True)
+        llm.generate(ps, sp, use_tqdm=False)
+        llm.start_profile()
+        t = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+        llm.stop_profile()
+        return {"wall_ms_per_step": wall * 1e3 / (1 + steps), "ops": decode_profile(Path(profile_dir), 1 + steps)}
     res = {"startup_s": startup}
     for b in (1, 8):
         ps = prompts(b, 128)
@@ -158,6 +173,38 @@ def run_variant(ckpt: str, quantized: bool, repeats: int, eager: bool) -> dict:
 
     res.update(llm.apply_model(weight_report)[0])
     return res
+
+
+def decode_profile(trace_dir: Path, steps: int, top: int = 14) -> list[tuple[str, float, float]]:
+    """Self time per op name in the worker's torch-profiler trace(s) under `trace_dir` (chrome JSON): the `top`
+    names as (name, ms per step, calls per step), then everything else as one row. Self time = an event's
+    duration minus its children's (events nested on the same thread)."""
+    self_us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for f in sorted(trace_dir.rglob("*.json")):
+        events = [e for e in json.loads(f.read_text()).get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+        by_thread: dict[tuple, list] = {}
+        for e in events:
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+        for evs in by_thread.values():
+            evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+            stack: list[dict] = []
+            for e in evs:
+                while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                    stack.pop()
+                if stack:
+                    stack[-1]["_child"] = stack[-1].get("_child", 0) + e["dur"]
+                stack.append(e)
+            for e in evs:
+                name = e["name"]
+                self_us[name] = self_us.get(name, 0.0) + e["dur"] - e.get("_child", 0)
+                calls[name] = calls.get(name, 0) + 1
+    order = sorted(self_us, key=self_us.get, reverse=True)
+    rows = [(n, self_us[n] / 1e3 / steps, calls[n] / steps) for n in order[:top]]
+    rest = order[top:]
+    rows.append((f"{len(rest)} other names", sum(self_us[n] for n in rest) / 1e3 / steps,
+                 sum(calls[n] for n in rest) / steps))
+    return rows
 
 
 def adapters_microbench(repeats: int = 20) -> list[tuple[int, float, float]]:
@@ -252,13 +299,16 @@ def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float, fl
 def decode_breakdown(layers: int, repeats: int = 10) -> dict[str, float]:
     """What one batch-1 decode step of the benchmark model spends in its GEMMs, per op kind, in ms (best of
     `repeats`, this process's threads): the quantized projections of `layers` text layers (qkv 1536->2048, o
-    1536->1536, gate_up 1536->17920, down 8960->1536) through torch's int4 GEMM vs bf16 `F.linear`, the bf16 lm_head
+    1536->1536, gate_up 1536->17920, down 8960->1536) through torch's int4 GEMM vs stock vLLM's bf16 linear (oneDNN
+    with a prepacked weight, `_custom_ops.onednn_mm`), the bf16 lm_head (same op)
     (vocabulary scaled as the model's), and the QE adapters at one token (router, argmin, shared + routed
-    shrink/expand, smoothing division: what `QELinearMethod.apply` adds, eager)."""
+    shrink/expand, smoothing division: what `QELinearMethod.apply` adds, eager; served packed form and the
+    earlier unpacked one)."""
     import torch
+    from vllm import _custom_ops as ops
 
     from vllm_qe.kernels.reference import route_grouped, router_scores
-    from vllm_qe.runtime.adapters import adapter_delta
+    from vllm_qe.runtime.adapters import adapter_delta, adapter_delta_unpacked, pack_adapters
     from vllm_qe.runtime.kernels import int4pack_mm
 
     gen = torch.Generator().manual_seed(0)
@@ -267,7 +317,7 @@ def decode_breakdown(layers: int, repeats: int = 10) -> dict[str, float]:
               "down_proj": (8960, [1536])}
     a = QE_ADAPTERS
     E = a["num_routed"]
-    out = {"int4": 0.0, "bf16": 0.0, "adapters": 0.0}
+    out = {"int4": 0.0, "bf16": 0.0, "adapters": 0.0, "adapters_unpacked": 0.0}
     for k, splits in shapes.values():
         n = sum(splits)
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
@@ -280,18 +330,43 @@ def decode_breakdown(layers: int, repeats: int = 10) -> dict[str, float]:
         ra, rb = torch.randn(m * E * rr, k).bfloat16(), torch.randn(n, E * rr).bfloat16()
         router, smooth = torch.rand(m * E, k), torch.rand(k) + 0.5
 
-        def qe(x=x, splits=splits, m=m, sa=sa, sb=sb, ra=ra, rb=rb, router=router, smooth=smooth):
+        pa, pb = pack_adapters(splits, sa, sb, ra, rb)
+
+        def qe(x=x, splits=splits, m=m, pa=pa, pb=pb, router=router, smooth=smooth, r=r):
             ids = route_grouped(router_scores(x, router), m)
             xs = (x.float() / smooth).to(x.dtype)
-            return xs, adapter_delta(x, splits, sa, sb, ra, rb, ids, E)
+            return xs, adapter_delta(x, splits, pa, pb, ids, r, E)
+
+        def qe_unpacked(x=x, splits=splits, m=m, sa=sa, sb=sb, ra=ra, rb=rb, router=router, smooth=smooth):
+            ids = route_grouped(router_scores(x, router), m)
+            xs = (x.float() / smooth).to(x.dtype)
+            return xs, adapter_delta_unpacked(x, splits, sa, sb, ra, rb, ids, E)
 
         out["int4"] += layers * _best_ms(lambda x=x, w4=w4, sz=sz: int4pack_mm(x, w4, 128, sz), repeats)
-        out["bf16"] += layers * _best_ms(lambda x=x, d=dense: torch.nn.functional.linear(x, d), repeats)
+        h = ops.create_onednn_mm(dense.t(), 32)  # what stock vLLM's CPU bf16 linear runs (prepacked oneDNN)
+        out["bf16"] += layers * _best_ms(lambda x=x, h=h: ops.onednn_mm(h, x, None), repeats)
         out["adapters"] += layers * _best_ms(qe, repeats)
+        out["adapters_unpacked"] += layers * _best_ms(qe_unpacked, repeats)
     head = (torch.randn(vocab, 1536, generator=gen) * 0.02).bfloat16()
     x = torch.randn(1, 1536, generator=gen).bfloat16()
-    out["lm_head"] = _best_ms(lambda: torch.nn.functional.linear(x, head), repeats)
+    h = ops.create_onednn_mm(head.t(), 32)
+    out["lm_head"] = _best_ms(lambda: ops.onednn_mm(h, x, None), repeats)
     return out
+
+
+def render_profile(prof: dict, a) -> str:
+    """Markdown of `--profile`'s decode-step tables (one per variant)."""
+    meta = prof.pop("_meta", {})
+    lines = ["## Where a batch-1 decode step goes (torch profiler in the worker)", "",
+             f"Command: `python benchmarks/cpu_serving.py --layers {a.layers} --threads {a.threads} --profile` "
+             "(a separate run: one engine per variant, prompt of 8 tokens, 1 + 16 new tokens profiled; load average "
+             + ", ".join(f"{x:.1f}" for x in meta.get("load", [])) + "). Self time per op name, per step; the "
+             "profiler's own overhead inflates the many small ops, so read it as shares, not as speeds.", ""]
+    for label, r in prof.items():
+        lines += [f"**{label}**: {r['wall_ms_per_step']:.1f} ms per step (wall, profiled)", "",
+                  "| op | ms / step | calls / step |", "|---|---|---|"]
+        lines += [f"| `{n}` | {ms:.2f} | {c:.1f} |" for n, ms, c in r["ops"]] + [""]
+    return "\n".join(lines)
 
 
 def _min_tokens() -> int:
@@ -314,11 +389,15 @@ def main() -> int:
     p.add_argument("--render-only", action="store_true", help="re-render OUT from WORKDIR/results.json")
     p.add_argument("--reuse", action="store_true",
                    help="keep variants whose WORKDIR/result-N.json exists (continue an interrupted run)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile 16 batch-1 decode steps of each variant (torch profiler in the worker) and write "
+                        "WORKDIR/profile.json instead of the serving table")
+    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
     p.add_argument("--variant", nargs=3, metavar=("CKPT", "QUANTIZED", "JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.variant:  # child process: one engine
         ckpt, quantized, out = a.variant
-        res = run_variant(ckpt, quantized == "1", a.repeats, a.eager)
+        res = run_variant(ckpt, quantized == "1", a.repeats, a.eager, a.profile_dir)
         Path(out).write_text(json.dumps(res))
         return 0
 
@@ -340,13 +419,17 @@ def main() -> int:
     results = {}
     load = [os.getloadavg()[0]]
     for label, (ckpt, quantized) in variants.items():
-        out = work / f"result-{len(results)}.json"
+        out = work / f"{'profile' if a.profile else 'result'}-{len(results)}.json"
+        trace = work / f"trace-{len(results)}"
         if a.reuse and out.exists():
             results[label] = json.loads(out.read_text())
             print(f"[{label}] reusing {out}", flush=True)
             continue
         cmd = [sys.executable, __file__, "--variant", str(ckpt), "1" if quantized else "0", str(out),
                "--repeats", str(a.repeats)] + (["--eager"] if a.eager else [])
+        if a.profile:
+            shutil.rmtree(trace, ignore_errors=True)
+            cmd += ["--profile-dir", str(trace)]
         # no compile cache: its key does not cover the plugin's code, a stale graph could be replayed
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DISABLE_COMPILE_CACHE="1",
                    VLLM_CPU_OMP_THREADS_BIND="0" if a.threads == 1 else f"0-{a.threads - 1}")
@@ -358,6 +441,9 @@ def main() -> int:
         results[label] = json.loads(out.read_text())
         load.append(os.getloadavg()[0])
         print(json.dumps({k: v for k, v in results[label].items() if k not in ("linear", "quantized")}), flush=True)
+    if a.profile:
+        (work / "profile.json").write_text(json.dumps({**results, "_meta": {"load": load}}, indent=1))
+        return 0
     meta = {"qe_bits": qe_bits, "load": load}
     (work / "results.json").write_text(json.dumps({**results, "_meta": meta}, indent=1))
     return write_table(a, meta, results)
@@ -369,6 +455,9 @@ def write_table(a, meta: dict, results: dict) -> int:
     torch.set_num_threads(a.threads)
     table = render(results, a, meta.get("qe_bits"), meta.get("load"), adapters_microbench(), gemm_microbench(),
                    decode_breakdown(a.layers))
+    prof = Path(a.workdir) / "profile.json"
+    if prof.exists():
+        table += render_profile(json.loads(prof.read_text()), a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(table)
     print(table)
@@ -463,7 +552,8 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
               "| ms per decode step, batch 1 | bf16 | W4 | W4 + QE |", "|---|---|---|---|",
               f"| quantized projections ({a.layers} layers) | {decode['bf16']:.1f} | {decode['int4']:.1f} | "
               f"{decode['int4']:.1f} |",
-              f"| QE adapters + router + smoothing (eager) | - | - | {decode['adapters']:.1f} |",
+              f"| QE adapters + router + smoothing (eager; served packed form) | - | - | {decode['adapters']:.1f} |",
+              f"| ... the same, unpacked (before this run's change) | - | - | {decode['adapters_unpacked']:.1f} |",
               f"| lm_head (bf16, unquantized) | {decode['lm_head']:.1f} | {decode['lm_head']:.1f} | "
               f"{decode['lm_head']:.1f} |",
               "| served step (1 / decode tok/s) | " + " | ".join(
