@@ -11,8 +11,10 @@ plus what vLLM's config cannot say (3-bit / 2-bit grids, activation quantization
    layout (`weight_packed` `[out, in/8]` int32, little-endian nibbles), so they are handed to vLLM as they are;
    only the zero points are repacked (uint8 `[out, G]` -> int32 `[out/8, G]`) and the scales cast to the
    activation dtype.
-2. `Int4PackCPUKernel` (own, CPU): torch's `_weight_int4pack_mm_for_cpu`, for 2/3/4-bit grids (held in 4 bits),
-   any activation dtype; weights stay packed (0.5 byte per weight).
+2. `Int4PackCPUKernel` (own, CPU): weights stay packed in torch's int4 layout (0.5 byte per weight), 2/3/4-bit
+   grids held in 4 bits, any activation dtype. One opaque op (`vllm_qe::int4pack_linear`) picks by token count at
+   run time: torch's `_weight_int4pack_mm_for_cpu` (a decode kernel) below `INT4_DEQUANT_MIN_TOKENS`, else the
+   packed bytes dequantized in column chunks + the dense GEMM (prefill).
 3. `TritonGemmKernel` (own, CUDA): the project's Triton GEMM reading the checkpoint's bitstream (3-bit, fused
    A4/A6/A8 activation quantization, shapes vLLM rejects).
 4. `ReferenceKernel` (last resort): keeps the packed tensors and dequantizes per call; never a resident
@@ -262,8 +264,9 @@ def _cuda_platform(capability: int):
 
 # -- 2. torch's CPU int4 GEMM ----------------------------------------------------------------------------------------
 class Int4PackCPUKernel(QEGemmKernel):
-    """`torch.ops.aten._weight_int4pack_mm_for_cpu`: weight `[out, in/2]` uint8 (two 4-bit values per byte, torch's
-    layout) and `[G', out, 2]` (scale, offset) in the activation dtype, where torch computes `w = (q - 8)·s + o`.
+    """torch's CPU int4 layout, run by `int4pack_linear` (int4 GEMM or dequantize + GEMM by token count): weight
+    `[out, in/2]` uint8 (two 4-bit values per byte, torch's layout) and `[G', out, 2]` (scale, offset) in the
+    activation dtype, where torch computes `w = (q - 8)·s + o`.
     The format's `w = (q - z)·s` maps exactly with `o = (8 - z)·s` (exact in float32: both products are multiples
     of the float16 scale's last bit); 2/3-bit values are held in 4 bits. Groups of 16 (or per-channel rows that
     no accepted group divides) are rejected; a group that is a multiple of an accepted size repeats its scale."""

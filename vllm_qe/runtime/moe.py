@@ -7,8 +7,8 @@ w1/w3 rows are this rank's slice of the intermediate dimension (column-parallel)
 (row-parallel, in whole packed words and whole groups); expert parallelism maps global to local expert ids.
 Experts are weight-only and carry a shared low-rank expert each (QE's correction; the MoE router already makes
 every expert token-dependent). Weights stay packed: on CPU every expert in torch's int4 layout (one
-`_weight_int4pack_mm_for_cpu` per active expert, x86 vLLM has no int4 fused MoE; 2/3/4-bit grids, groups of
-32..256), else the checkpoint's layout with the grouped Triton kernel on CUDA or per-call dequantization of the
+`runtime.kernels.int4pack_mm` per active expert: torch's int4 GEMM for few tokens, dequantize + dense GEMM for many;
+x86 vLLM has no int4 fused MoE; 2/3/4-bit grids, groups of 32..256), else the checkpoint's layout with the grouped Triton kernel on CUDA or per-call dequantization of the
 active experts on CPU (8-bit, groups of 16). vLLM's Marlin / moe_wna16 int4 MoE on CUDA is not wired (no GPU here). The output is reduced across ranks by vLLM's MoE runner.
 """
 
