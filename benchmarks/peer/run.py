@@ -315,6 +315,16 @@ def seeds_text(seeds: list[int]) -> str:
     return ",".join(map(str, seeds))
 
 
+def cell_summary(rows: list[dict]) -> str:
+    """The summary line's sentence on the single (row, seed) cells."""
+    cells = [p["ratio"] for r in rows for p in r["per_seed"]]
+    if len(cells) == len(rows):
+        return ""
+    return (f" Of the {len(cells)} single (row, seed) cells, vllm-qe's KL is lower in {sum(c < 1 for c in cells)}; "
+            f"the tools differ by more than 1.5x in {sum(c > 1.5 or c < 1 / 1.5 for c in cells)}, vllm-qe "
+            f"being the worse one in {sum(c > 1.5 for c in cells)} of them.")
+
+
 def text_summary(rows: list[dict]) -> str:
     """The summary line's sentence on the text-position KL ratio."""
     rs = [r for r in rows if r["text"] is not None]
@@ -400,6 +410,7 @@ def write_doc(path: Path, sm: dict) -> str:
         f"{len(rows) - len(below) - len(above)}; the point ratio (geometric mean over seeds) is at or below 1 on "
         f"{len(at_or_below)} of {len(rows)}; vllm-qe's mean calibration time is within 1.5x of llm-compressor's on "
         f"{len(fast)} of {len(rows)}."
+        + cell_summary(rows)
         + text_summary(rows)
         + (f" **Partial:** {len(partial)} row(s) have fewer seeds than requested (see the Seeds column)."
            if partial else ""))
@@ -420,7 +431,6 @@ def write_doc(path: Path, sm: dict) -> str:
             f"{r['bpw_vllm_qe']:.3f} / {r['bpw_llmc']:.3f} ({r['bpw16_llmc']:.3f})"
             f"{' (varies by seed!)' if r['bpw_varies'] else ''} | "
             f"{r['t_vllm_qe']:.1f} / {r['t_llmc']:.1f} ({r['t_vllm_qe'] / r['t_llmc']:.2f}x) |")
-    lines += text_table(rows)
     lines += [
         "",
         "Columns: KL(P_FP || P_Q) in nats, full vocabulary, teacher-forced, averaged over every position of the",
@@ -451,6 +461,9 @@ def write_doc(path: Path, sm: dict) -> str:
         "`runs/peer/<fixture>/results-seed<S>.json`.",
         f"Both tools ran with OMP_NUM_THREADS={versions['threads']} (run.py sets it for both). Timings are from a",
         "2-core machine shared with other jobs: read them as rough ratios.",
+    ]
+    lines += text_table(rows)
+    lines += [
         "",
         "### Per calibration seed",
         "",
