@@ -5,7 +5,8 @@ input group) and one quantizer (`rtn`, `gptq`). The quantizer sees `W·diag(s)` 
 inputs `x / s`); the runtime divides `x` by `s`. Algorithms compose it: SmoothQuant = (smoothquant, rtn),
 AWQ = (awq, rtn | gptq), GPTQ = (none, gptq), LQER = (none, rtn | gptq) + a low-rank correction, VEQ = its own
 expert-weighted smoothing + (rtn | gptq on the affinity Hessian), QE = any smoothing + its own exempt-channel
-quantizer + shared / routed experts (`base=`: `BASES`).
+quantizer + shared / routed experts (`base=`: `BASES`). `choose_recipe` picks, per input group, the candidate base
+with the lowest output error on the group's sampled tokens, activation quantization included (QE's `base="auto"`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.rtn import rtn_quantize
 from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
 from vllm_qe.format.module import QuantizedLinear
+from vllm_qe.format.quantizer import dequantize
+from vllm_qe.kernels.reference import base_gemm
 
 SEARCH_TOKENS = 1024  # token reservoir of the AWQ-style scale search
 
@@ -99,3 +102,37 @@ BASES: dict[str, tuple[Smoothing, Quantizer]] = {
     "awq": ("awq", "rtn"),
     "veq": ("none", "gptq"),
 }
+
+
+def base_output_error(quantized: dict[str, QuantizedLinear], targets: list[LinearTarget], act_bits: int | None,
+                      token_weight: torch.Tensor | None = None) -> float:
+    """Mean per-token relative output error of a quantized input group on its sampled tokens:
+    `Σ_t w_t (Σ_m ‖Q_m(x_t) - W_m x_t‖² / Σ_m ‖W_m x_t‖²) / Σ_t w_t`, with the runtime's base GEMM (smoothing
+    and `act_bits` activation quantization included). Per token, not pooled: the next block reads each token
+    normalized (RMSNorm), and a pooled sum would let a few high-norm tokens choose for all the others.
+    `targets[0].stats.sample` `[T, in]` are the tokens; `token_weight` `[T]` (default 1)."""
+    x = targets[0].stats.sample
+    if x is None or len(x) == 0:
+        raise ValueError(f"{targets[0].name}: no sampled tokens to measure the base on")
+    w = torch.ones(x.shape[0]) if token_weight is None else token_weight.float()
+    num = torch.zeros(x.shape[0], dtype=torch.float64)
+    den = torch.zeros(x.shape[0], dtype=torch.float64)
+    for t in targets:
+        q = quantized[t.name]
+        y = x.float() @ t.weight.float().t()
+        y_q = base_gemm(x, dequantize(q.qweight, q.scale, q.zero, q.group_size), q.smooth, act_bits)
+        num += (y_q - y).double().pow(2).sum(-1)
+        den += y.double().pow(2).sum(-1)
+    per_token = num / den.clamp(min=1e-30)
+    return float((per_token * w.double()).sum() / w.double().sum().clamp(min=1e-30))
+
+
+def choose_recipe(candidates: list[Recipe], targets: list[LinearTarget], act_bits: int | None,
+                  token_weight: torch.Tensor | None = None) -> tuple[Recipe, list[float]]:
+    """The candidate whose base (smoothing + quantizer, no adapters) has the lowest `base_output_error` on the
+    group (ties: the earlier candidate), and every candidate's error. Whether smoothing pays depends on the model:
+    it trades activation outliers for weight range, so it is measured per group instead of assumed."""
+    errors = [base_output_error(smooth_then_quantize(r, targets, token_weight), targets, act_bits, token_weight)
+              for r in candidates]
+    best = min(range(len(candidates)), key=lambda i: (errors[i], i))
+    return candidates[best], errors

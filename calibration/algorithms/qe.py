@@ -15,7 +15,7 @@ import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.calibration.algorithms.budget import ranks_for_budget
-from vllm_qe.calibration.algorithms.compose import BASES, Recipe, smoothing_scales
+from vllm_qe.calibration.algorithms.compose import BASES, Recipe, choose_recipe, smoothing_scales
 from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.stats import InputStats
@@ -32,7 +32,8 @@ class QEParams:
     num_routed: int = 8  # N_r [S]
     shared_rank: int = 32  # r_s [S]
     routed_rank: int = 32  # r_r [S]
-    # the base under the experts (compose.BASES); auto = smoothquant with activation quantization, else gptq
+    # the base under the experts (compose.BASES); auto = GPTQ without activation quantization; with it, per input
+    # group the lowest measured output error of GPTQ, SmoothQuant + GPTQ and SmoothQuant + RTN (`recipe`)
     base: Literal["auto", "rtn", "gptq", "veq", "smoothquant", "awq"] = "auto"
     alpha: float = 0.5  # SmoothQuant migration strength
     # C_s columns exempt from direct quantization [S]; off by default: measured worse at equal bytes (the base
@@ -341,19 +342,26 @@ class QuantExperts(Algorithm):
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
         return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k, affinity=self.p.base == "veq")
 
-    def recipe(self, scheme: ModuleScheme) -> Recipe:
-        """The base under the experts: `auto` is SmoothQuant when activations are quantized, else GPTQ (so QE is
-        GPTQ plus adapters that never raise a layer's loss); `veq` is GPTQ on the experts' affinity-weighted
-        Hessian (plain GPTQ elsewhere)."""
-        b = self.p.base
-        if b == "auto":
-            b = "smoothquant" if scheme.activation is not None else "gptq"
-        smoothing, quantizer = BASES[b]
-        return Recipe(smoothing, quantizer, alpha=self.p.alpha, clip=self.clip)
+    def recipe(self, targets: list[LinearTarget]) -> Recipe:
+        """The base under the experts. `auto` without activation quantization is GPTQ (so QE is GPTQ plus adapters
+        that never raise a layer's loss); with it, the candidate (GPTQ, SmoothQuant + GPTQ, SmoothQuant + RTN)
+        with the lowest measured base output error on this group's tokens (`compose.choose_recipe`; measured:
+        SmoothQuant's migration helped W4A6 on one trained model and cost 25-100x KL on the peer fixtures,
+        docs/algorithms.md). `veq` is GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)."""
+        act = targets[0].scheme.activation
+        if self.p.base != "auto":
+            return Recipe(*BASES[self.p.base], alpha=self.p.alpha, clip=self.clip)
+        if act is None:
+            return Recipe(*BASES["gptq"], alpha=self.p.alpha, clip=self.clip)
+        candidates = [Recipe(sm, qz, alpha=self.p.alpha, clip=self.clip)
+                      for sm, qz in (("none", "gptq"), ("smoothquant", "gptq"), ("smoothquant", "rtn"))]
+        return choose_recipe(candidates, targets, act.bits, targets[0].stats.sample_weight)[0]
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
-        recipe = self.recipe(targets[0].scheme)
+        recipe = self.recipe(targets)
         s = smoothing_scales(recipe, targets, token_weight=targets[0].stats.sample_weight)
+        if s is None and self.uses_smoothing(targets[0].scheme.activation is not None):
+            s = torch.ones(targets[0].weight.shape[1])  # the checkpoint declares smoothing: identity vector
         out = {}
         for t in targets:
             # ranks from the module's scheme: MoE experts get one shared expert of `expert_rank` (their override)

@@ -1,0 +1,65 @@
+"""QE's `base="auto"` under activation quantization: the base (GPTQ, SmoothQuant + GPTQ, SmoothQuant + RTN) with
+the lowest measured output error is chosen per input group (pure functions, no vLLM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_qe.calibration.algorithms.base import LinearTarget
+from vllm_qe.calibration.algorithms.compose import (
+    Recipe,
+    base_output_error,
+    choose_recipe,
+    smooth_then_quantize,
+)
+from vllm_qe.calibration.algorithms.qe import QEParams, QuantExperts
+from vllm_qe.calibration.stats import InputStats
+from vllm_qe.format.spec import ActivationScheme, AdapterScheme, ModuleScheme, WeightScheme
+
+CANDIDATES = [Recipe("none", "gptq"), Recipe("smoothquant", "gptq"), Recipe("smoothquant", "rtn")]
+
+
+def _group(outlier_acts: bool, seed: int = 0, n: int = 1200, in_f: int = 128, out_f: int = 64, act_bits: int = 6):
+    """Two linears reading one input. `outlier_acts`: four input channels 40x larger than the rest on every token
+    (6-bit per-token activation quantization then rounds every other channel to a few levels: the case smoothing
+    is for); else rare spikes (2 % of the tokens, 8-bit activations): SmoothQuant's `max|x|` still scales those
+    channels' weight columns up and widens their groups for every token, which costs more than it saves."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_f, generator=g)
+    w = [torch.randn(out_f, in_f, generator=g) * 0.05 for _ in range(2)]
+    if outlier_acts:
+        x[:, :4] *= 40
+    else:
+        x[: n // 50, :4] *= 200
+        act_bits = 8
+    st = InputStats(in_f, gram=True, max_tokens=n)
+    st.update(x, torch.zeros(n, dtype=torch.bool))
+    scheme = ModuleScheme(WeightScheme(4, 32, False), ActivationScheme(act_bits), AdapterScheme(), smooth=True)
+    return [LinearTarget(f"m{i}", wi, None, st, scheme) for i, wi in enumerate(w)]
+
+
+@pytest.mark.parametrize("outlier_acts, smoothing", [(True, "smoothquant"), (False, "none")])
+def test_choose_recipe_picks_the_base_with_the_lowest_output_error(outlier_acts: bool, smoothing: str) -> None:
+    targets = _group(outlier_acts)
+    bits = targets[0].scheme.activation.bits
+    best, errors = choose_recipe(CANDIDATES, targets, act_bits=bits)
+    assert best.smoothing == smoothing, errors
+    assert errors[CANDIDATES.index(best)] == min(errors)
+    # the error is what it says: recomputed from the quantized group
+    again = base_output_error(smooth_then_quantize(best, targets), targets, bits)
+    assert again == pytest.approx(min(errors), rel=1e-9)
+    assert max(errors) > 1.2 * min(errors)  # the choice matters on both constructed groups
+
+
+@pytest.mark.parametrize("outlier_acts", [True, False])
+def test_qe_auto_base_is_never_worse_than_any_candidate(outlier_acts: bool) -> None:
+    """QE (no adapters: `adapter_bpw=0`) with `base="auto"` gives the best candidate's base error; the checkpoint
+    declares smoothing, so a winning GPTQ base carries an identity smoothing vector."""
+    targets = _group(outlier_acts)
+    bits = targets[0].scheme.activation.bits
+    _, errors = choose_recipe(CANDIDATES, targets, act_bits=bits)
+    qe = QuantExperts(QEParams(adapter_bpw=0, k=4, num_routed=0))
+    out = qe.quantize_group(targets)
+    assert all(q.smooth is not None for q in out.values())
+    assert base_output_error(out, targets, bits) <= min(errors) * (1 + 1e-6)
