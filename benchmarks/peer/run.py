@@ -153,7 +153,7 @@ def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ig
         r = json.loads(report.read_text())
         if r["cli_args"] == cli and r["identity"].get("verified"):
             proj = json.loads((out / "vllm_qe_report.json").read_text())
-            return {"process_seconds": r.get("process_seconds"), "span_seconds": proj["seconds"],
+            return {"process_seconds": r.get("process_seconds"), "span_seconds": model_span(proj),
                     "identity": r["identity"], "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": True,
                     "code": r.get("code")}
     wall = sh([py, str(HERE / "project_calibrate.py"), "--chats", str(calib), "--report", str(report), "--", *cli],
@@ -163,8 +163,14 @@ def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ig
     r["code"] = code if code == git_state() else f"changed during the run (started at {code})"
     report.write_text(json.dumps(r, indent=1))
     proj = json.loads((out / "vllm_qe_report.json").read_text())
-    return {"process_seconds": round(wall, 2), "span_seconds": proj["seconds"], "identity": r["identity"],
+    return {"process_seconds": round(wall, 2), "span_seconds": model_span(proj), "identity": r["identity"],
             "cli": "vllm-qe calibrate " + shlex.join(cli), "cached": False, "code": r["code"]}
+
+
+def model_span(report: dict) -> float:
+    """vllm-qe's span comparable to llm-compressor's: model load to written checkpoint, less the time spent reading
+    the calibration images and encoding the chats (`data_seconds`; llm-compressor is handed the encoded tensors)."""
+    return round(report["seconds"] - report.get("data_seconds", 0.0), 2)
 
 
 def run_llmc(venv: Path, fixture: Path, out: Path, setting: str, ignore: list[str], calib: Path, calib_sha: str,
@@ -455,8 +461,9 @@ def write_doc(path: Path, sm: dict) -> str:
         "at the dtypes in the files; in parentheses llm-compressor's with its scales counted at 16 bits (it stores",
         "scales in the model's dtype, float32 for these float32 fixtures, bfloat16 for a bfloat16 model; vllm-qe",
         "always stores float16 scales). Calibration seconds (mean over seeds): the tool's own span from loading the",
-        "FP model to the written checkpoint (vllm-qe: `seconds` in `vllm_qe_report.json`, which also includes",
-        "building the calibration chats from images; llm-compressor: model load + `oneshot` + `save_pretrained`,",
+        "FP model to the written checkpoint (vllm-qe: `seconds` less `data_seconds` in `vllm_qe_report.json`, i.e.",
+        "without reading the calibration images and encoding the chats, which llm-compressor, handed the encoded",
+        "tensors, does not do; llm-compressor: model load + `oneshot` + `save_pretrained`,",
         "timed in llmc_quantize.py); process wall times (imports included) are in",
         "`runs/peer/<fixture>/results-seed<S>.json`.",
         f"Both tools ran with OMP_NUM_THREADS={versions['threads']} (run.py sets it for both). Timings are from a",
