@@ -70,10 +70,10 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
     weights = open_weights(model_dir, config.offload, model_cfg.get("model_type"))
     model = weights.model
     plan = build_plan(model, config, algorithm, weights.tensor_names, weights.locate, model_dir)
+    t_data = time.time()
     processor = AutoProcessor.from_pretrained(str(model_dir))
 
     reducer = init_reducer()
-    t_data = time.time()
     ds = load_calibration_set(config.calib, config.num_samples, config.seed)
     if reducer.world > 1:
         ds = ds.select(reducer.shard(len(ds)))
@@ -111,8 +111,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
         return out_dir
 
     model_cfg.pop("quantization_config", None)
-    # seconds: model load to written checkpoint; data_seconds: the part spent reading the calibration images and
-    # encoding the chats (processor), which a tool handed ready-made tensors does not spend
+    # seconds: model load to written checkpoint; data_seconds: the part spent loading the processor, reading the
+    # calibration images and encoding the chats, which a tool handed ready-made tensors does not spend
     report = {"config": asdict(config), "seconds": round(time.time() - t0, 2),
               "data_seconds": round(data_seconds, 2), "num_samples": len(samples),
               "layer_rel_error": block.report.layers, "blocks": block.report.blocks,

@@ -168,8 +168,9 @@ def run_vllm_qe(py: str, fixture: Path, out: Path, setting: str, params: str, ig
 
 
 def model_span(report: dict) -> float:
-    """vllm-qe's span comparable to llm-compressor's: model load to written checkpoint, less the time spent reading
-    the calibration images and encoding the chats (`data_seconds`; llm-compressor is handed the encoded tensors)."""
+    """vllm-qe's span comparable to llm-compressor's: model load to written checkpoint, less the time spent loading
+    the processor, reading the calibration images and encoding the chats (`data_seconds`; llm-compressor is handed
+    the encoded tensors)."""
     return round(report["seconds"] - report.get("data_seconds", 0.0), 2)
 
 
@@ -462,7 +463,7 @@ def write_doc(path: Path, sm: dict) -> str:
         "scales in the model's dtype, float32 for these float32 fixtures, bfloat16 for a bfloat16 model; vllm-qe",
         "always stores float16 scales). Calibration seconds (mean over seeds): the tool's own span from loading the",
         "FP model to the written checkpoint (vllm-qe: `seconds` less `data_seconds` in `vllm_qe_report.json`, i.e.",
-        "without reading the calibration images and encoding the chats, which llm-compressor, handed the encoded",
+        "without loading the processor, reading the images and encoding the chats, which llm-compressor, handed the encoded",
         "tensors, does not do; llm-compressor: model load + `oneshot` + `save_pretrained`,",
         "timed in llmc_quantize.py); process wall times (imports included) are in",
         "`runs/peer/<fixture>/results-seed<S>.json`.",
