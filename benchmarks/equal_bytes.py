@@ -45,6 +45,7 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("GPTQ W3 g128", ["--method", "gptq", "--wbits", "3", "--group-size", "128"]),
     ("QE W3 g128 (0.75 bpw adapters)", ["--method", "qe", "--wbits", "3", "--group-size", "128",
                                         "--method-params", '{"adapter_bpw": 0.75}']),
+    ("GPTQ W4A8 g128", ["--method", "gptq", "--wbits", "4", "--abits", "8", "--group-size", "128"]),
     ("SmoothQuant W4A8 g128", ["--method", "smoothquant", "--wbits", "4", "--abits", "8", "--group-size", "128"]),
     ("QE W4A8 g128 (default: 0.25 bpw adapters)", ["--method", "qe", "--wbits", "4", "--abits", "8",
                                                    "--group-size", "128"]),
@@ -99,7 +100,8 @@ def main() -> int:
                if a.configs is None or any(lb.startswith(c) for c in a.configs.split(","))]
     if REFERENCE not in [lb for lb, _ in configs]:
         configs.insert(0, next(c for c in CONFIGS if c[0] == REFERENCE))
-    results: dict[str, dict] = {}
+    # rows of earlier runs are kept (a `--configs` subset reruns only its rows; the reference is rerun with them)
+    results: dict[str, dict] = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
     for name in a.fixtures.split(","):
         fixture = Path(a.peer_work) / "fixtures" / name
         evals = sorted((Path(a.peer_work) / name).glob("eval-*.safetensors"))
@@ -118,7 +120,9 @@ def main() -> int:
                 r = evaluate(fixture, out, chats, fp_lp)
                 storage = json.loads((out / "config.json").read_text())["quantization_config"]["storage"]
                 r.update(bpw=storage["bits_per_weight"], seconds=round(seconds, 1), args=args, seed=seed)
-                results.setdefault(f"{name} | {label}", {})[str(seed)] = r
+                if seed == seeds[0]:
+                    results[f"{name} | {label}"] = {}
+                results[f"{name} | {label}"][str(seed)] = r
                 kl = sum(r["kl_sum"]) / sum(r["positions"])
                 print(f"{name:16s} {label:42s} seed {seed} bpw {r['bpw']:.3f}  KL {kl:.3e}  top-1 "
                       f"{sum(r['top1_hits']) / sum(r['positions']):.4f}", flush=True)
@@ -135,7 +139,11 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
     """The table: per row, bits/weight, KL per calibration set and its mean, the KL ratio against GPTQ W4 g128
     on the same sets (geometric mean, two-level interval), top-1 (mean over sets)."""
     rows, verdicts = [], []
-    for key, per_seed in results.items():
+    order = [lb for lb, _ in CONFIGS]
+    keys = sorted(results, key=lambda k: (k.split(" | ")[0], order.index(k.split(" | ")[1])
+                                          if k.split(" | ")[1] in order else len(order)))
+    for key in keys:
+        per_seed = results[key]
         name, label = key.split(" | ")
         ref = results.get(f"{name} | {REFERENCE}", {})
         seeds = [s for s in per_seed if s in ref]
