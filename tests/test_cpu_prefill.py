@@ -144,3 +144,18 @@ def test_packed_adapters_equal_the_per_module_math(splits, shared_rank, num_expe
     assert a.shape == (n * (shared_rank + num_experts * rr), k) and b.shape == (out, shared_rank + num_experts * rr)
     got = adapter_delta(x, splits, a, b, ids if num_experts else None, shared_rank, num_experts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_router_scores_in_token_chunks_equal_the_reference(tokens):
+    """The served router (`vllm_qe::router_scores`, chunked over tokens) = `reference.router_scores` bit for bit,
+    so routing decisions are the calibration's."""
+    from vllm_qe.kernels import reference
+    from vllm_qe.runtime.adapters import ROUTER_CHUNK_TOKENS
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 96, generator=g).bfloat16()
+    router = torch.rand(8, 96, generator=g).half().float()
+    got = torch.ops.vllm_qe.router_scores(x, router)
+    assert tokens <= ROUTER_CHUNK_TOKENS or got.shape[0] > ROUTER_CHUNK_TOKENS
+    assert torch.equal(got, reference.router_scores(x, router))

@@ -105,3 +105,28 @@ def adapter_delta_unpacked(x: torch.Tensor, out_splits: list[int], shared_a: tor
         parts.append(part)
         o0 += width
     return parts[0] if n == 1 else torch.cat(parts, dim=1)
+
+
+ROUTER_CHUNK_TOKENS = 256  # tokens per router GEMM: bounds the float32 |x| temporary (256 x in x 4 bytes)
+
+
+@torch.library.custom_op("vllm_qe::router_scores", mutates_args=())
+def router_scores(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """Router scores `|x|·Rᵀ` in float32 (`x` `[T, in]`, `router` `[n·E, in]` float32 -> `[T, n·E]`), as
+    `kernels.reference.router_scores` computes them, in chunks of `ROUTER_CHUNK_TOKENS` tokens: at prefill the
+    float32 copy of `|x|` of a whole batch (1024 tokens x 8960 inputs = 36 MiB) is a fresh allocation whose page
+    faults cost ~100 ms per call on these machines; a chunk's is reused. One opaque op, so the token loop does not
+    specialize vLLM's compiled graph."""
+    T = x.shape[0]
+    if T <= ROUTER_CHUNK_TOKENS:
+        return x.float().abs() @ router.t()
+    out = torch.empty(T, router.shape[0], dtype=torch.float32, device=x.device)
+    for t0 in range(0, T, ROUTER_CHUNK_TOKENS):
+        t1 = min(T, t0 + ROUTER_CHUNK_TOKENS)
+        torch.mm(x[t0:t1].float().abs(), router.t(), out=out[t0:t1])
+    return out
+
+
+@router_scores.register_fake
+def _(x, router):
+    return x.new_empty(x.shape[0], router.shape[0], dtype=torch.float32)

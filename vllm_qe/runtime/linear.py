@@ -29,8 +29,8 @@ from vllm_qe.format import spec
 from vllm_qe.format.packing import packed_width, shard_unit
 from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
-from vllm_qe.kernels.reference import route_grouped, router_scores
-from vllm_qe.runtime.adapters import adapter_delta, pack_adapters
+from vllm_qe.kernels.reference import route_grouped
+from vllm_qe.runtime.adapters import adapter_delta, pack_adapters, router_scores
 from vllm_qe.runtime.kernels import KernelTarget, QEGemmKernel, QELayerSpec, choose_kernel, log_choice
 
 _SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
