@@ -20,6 +20,13 @@ points, adapters, routers; the bf16 model's same layers), whole-model weight byt
 (`ru_maxrss`, KV cache capped at 1 GiB), prefill tokens/s (prompt 128, batch 1 and 8) and decode tokens/s
 (32 new tokens after a 32-token prompt, batch 1 and 8; decode time = time(1 + 32 tokens) - time(1 token)),
 best of `--repeats`. CPU timings on a shared 2-core machine are noisy: compare the ratios within one run.
+
+The table also carries microbenchmarks, measured in this process when the table is rendered (`--render-only`
+re-renders from WORKDIR/results.json and re-measures them): routed adapters (masked vs vLLM's punica ops), the base
+GEMM of one MLP projection from 1 to 512 tokens (torch's int4 GEMM, vLLM's CPUWNA16, dequantize + dense GEMM, the
+plugin's dispatch, bf16), and the GEMMs of one batch-1 decode step (`decode_breakdown`). `--profile` runs each
+variant once more under torch's profiler (16 batch-1 decode steps, self time per op) into WORKDIR/profile.json,
+which later renders add as a section.
 """
 
 from __future__ import annotations
