@@ -114,3 +114,38 @@ def test_masked_routed_adapters_equal_punica_and_the_reference():
     masked = routed_masked(x, a.reshape(E * r, K), b.permute(1, 0, 2).reshape(N, E * r), ids, E)
     torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(routed_punica(x, a, b, ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_triton_kernel_loads_scales_n_major_and_still_matches_the_reference(symmetric, monkeypatch):
+    """TritonGemmKernel makes the scales / zero points N-major once at load (vectorized scale loads) and its output
+    is unchanged: the Triton GEMM (interpreter, forced onto CPU tensors) equals the per-call reference."""
+    from vllm_qe.format.module import pack
+    from vllm_qe.runtime.kernels import ReferenceKernel, TritonGemmKernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    k, n, group = 128, 64, 32
+    c = _spec(4, symmetric=symmetric, group=group, dtype=torch.float32, shape=(k, n))
+
+    def layer() -> torch.nn.Module:
+        m = torch.nn.Module()
+        q = torch.randint(0, 16, (n, k), generator=g.manual_seed(1))
+        m.weight_packed = torch.nn.Parameter(pack(q, 4), requires_grad=False)
+        m.weight_scale = torch.nn.Parameter(torch.rand(n, k // group, generator=g).half() / 8, requires_grad=False)
+        if not symmetric:
+            m.weight_zero_point = torch.nn.Parameter(torch.randint(0, 16, (n, k // group), generator=g).to(torch.uint8),
+                                                     requires_grad=False)
+        return m
+
+    x = torch.randn(5, k, generator=g)
+    ref_layer, tri_layer = layer(), layer()
+    ReferenceKernel(c).process_weights_after_loading(ref_layer)
+    tri = TritonGemmKernel(c)
+    tri.process_weights_after_loading(tri_layer)
+    assert tri_layer.weight_scale.stride() == (1, n)  # N-major
+    assert torch.equal(tri_layer.weight_scale, ref_layer.weight_scale)
+    want = ReferenceKernel(c).apply(ref_layer, x)
+    monkeypatch.setenv("VLLM_QE_FORCE_TRITON", "1")
+    got = tri.apply(tri_layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -429,6 +429,16 @@ class TritonGemmKernel(_PackedOpKernel):
     quantization. Not runnable on this project's CPU machines (no GPU); its numerics are tested with the
     Triton interpreter."""
 
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Scales and zero points to the N-major layout once (`gemm.kernel_layout`: same values and shape, N
+        unit-stride), so a tile's per-group scale loads are contiguous (vectorized: docs/benchmarks/static-sm90.md)."""
+        from vllm_qe.kernels.triton.gemm import kernel_layout
+
+        scale, zero = kernel_layout(layer.weight_scale.data, _zero_data(layer))
+        layer.weight_scale.data = scale
+        if zero is not None:
+            getattr(layer, spec.WEIGHT_ZERO).data = zero
+
     @classmethod
     def can_implement(cls, c: QELayerSpec, target: KernelTarget) -> tuple[bool, str | None]:
         if target.device != "cuda":
