@@ -230,16 +230,8 @@ def adapters_microbench(repeats: int = 20) -> list[tuple[int, float, float]]:
     for T in (1, 8, 128):
         x = torch.randn(T, K, generator=g).bfloat16()
         ids = torch.randint(0, E, (T,), generator=g)
-        times = []
-        for fn in (lambda x=x, ids=ids: routed_masked(x, a_all, b_all, ids, E),
-                   lambda x=x, ids=ids: routed_punica(x, a, b, ids)):
-            fn()
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t)
-            times.append(best * 1e3)
+        times = [_best_ms(fn, repeats) for fn in (lambda x=x, ids=ids: routed_masked(x, a_all, b_all, ids, E),
+                                                    lambda x=x, ids=ids: routed_punica(x, a, b, ids))]
         rows.append((T, *times))
     return rows
 
