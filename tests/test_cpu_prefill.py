@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.packed import random_packed_layer
 from vllm_qe.format.module import dequantize_packed
-from vllm_qe.format.packing import pack
-from vllm_qe.format.quantizer import num_groups
 from vllm_qe.runtime.kernels import (
     INT4_DEQUANT_MIN_TOKENS,
     Int4PackCPUKernel,
@@ -26,12 +25,7 @@ from vllm_qe.runtime.kernels import (
 def _layer(bits: int, symmetric: bool, group: int, out_f: int, in_f: int, dtype: torch.dtype, seed: int = 0):
     """A random checkpoint layer in torch's int4 layout: (w4, sz, group', reference weight `[out, in]` float32,
     the largest magnitude torch's `(q - 8)·s + o` form handles per weight, `[out, in]`: `8·s + |w|`)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.int32)
-    ng = num_groups(in_f, group)
-    scale = (torch.rand(out_f, ng, generator=g) * 0.02 + 1e-3).half()
-    zero = None if symmetric else torch.randint(0, 2**bits, (out_f, ng), generator=g).to(torch.uint8)
-    packed = pack(q, bits)
+    packed, scale, zero = random_packed_layer(bits, symmetric, group, out_f, in_f, seed)
     c = QELayerSpec.build(in_f, out_f, in_f, out_f, bits, group, symmetric, 0, dtype)
     w4, sz = int4pack(packed, scale, zero, c)
     w = dequantize_packed(packed, scale, zero, bits, group, in_f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.packed import random_packed_layer
 from vllm_qe.runtime.kernels import KernelTarget, QELayerSpec, choose_kernel_class, vllm_weight_type
 
 
@@ -80,17 +81,10 @@ def test_cpu_choice_takes_vllms_cpuwna16_when_asked(spec_kw, monkeypatch):
 def test_int4pack_holds_the_checkpoint_grid_exactly(bits, symmetric, group):
     """torch's CPU int4 layout reproduces `dequantize_packed` bit for bit in float32 (identity input)."""
     from vllm_qe.format.module import dequantize_packed
-    from vllm_qe.format.packing import pack
-    from vllm_qe.format.quantizer import num_groups
     from vllm_qe.runtime.kernels import Int4PackCPUKernel, int4pack
 
     out_f, in_f = 48, 192
-    g = torch.Generator().manual_seed(bits)
-    q = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.int32)
-    ng = num_groups(in_f, group)
-    scale = (torch.rand(out_f, ng, generator=g) * 0.02 + 1e-3).half()
-    zero = None if symmetric else torch.randint(0, 2**bits, (out_f, ng), generator=g).to(torch.uint8)
-    packed = pack(q, bits)
+    packed, scale, zero = random_packed_layer(bits, symmetric, group, out_f, in_f, seed=bits)
     c = QELayerSpec.build(in_f, out_f, in_f, out_f, bits, group, symmetric, 0, torch.float32)
     assert Int4PackCPUKernel.can_implement(c, KernelTarget("cpu"))[0]
     w4, sz = int4pack(packed, scale, zero, c)
@@ -120,25 +114,21 @@ def test_masked_routed_adapters_equal_punica_and_the_reference():
 def test_triton_kernel_loads_scales_n_major_and_still_matches_the_reference(symmetric, monkeypatch):
     """TritonGemmKernel makes the scales / zero points N-major once at load (vectorized scale loads) and its output
     is unchanged: the Triton GEMM (interpreter, forced onto CPU tensors) equals the per-call reference."""
-    from vllm_qe.format.module import pack
     from vllm_qe.runtime.kernels import ReferenceKernel, TritonGemmKernel
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    g = torch.Generator().manual_seed(0)
     k, n, group = 128, 64, 32
     c = _spec(4, symmetric=symmetric, group=group, dtype=torch.float32, shape=(k, n))
 
     def layer() -> torch.nn.Module:
         m = torch.nn.Module()
-        q = torch.randint(0, 16, (n, k), generator=g.manual_seed(1))
-        m.weight_packed = torch.nn.Parameter(pack(q, 4), requires_grad=False)
-        m.weight_scale = torch.nn.Parameter(torch.rand(n, k // group, generator=g).half() / 8, requires_grad=False)
-        if not symmetric:
-            m.weight_zero_point = torch.nn.Parameter(torch.randint(0, 16, (n, k // group), generator=g).to(torch.uint8),
-                                                     requires_grad=False)
+        for name, t in zip(("weight_packed", "weight_scale", "weight_zero_point"),
+                           random_packed_layer(4, symmetric, group, n, k, seed=1)):
+            if t is not None:
+                setattr(m, name, torch.nn.Parameter(t, requires_grad=False))
         return m
 
-    x = torch.randn(5, k, generator=g)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(0))
     ref_layer, tri_layer = layer(), layer()
     ReferenceKernel(c).process_weights_after_loading(ref_layer)
     tri = TritonGemmKernel(c)
