@@ -534,7 +534,8 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
               f"{ratio(qe, w4, 'decode_tok_s_b1', '+.1%', True)} (prefill "
               f"{ratio(qe, w4, 'prefill_tok_s_b1', '+.1%', True)}) slower.", "",
               "Routed adapters of one MLP projection (in 1536, out 8960, 4 experts of rank 4, bf16), per call, best "
-              f"of 20, {a.threads} thread(s): vllm-qe's masked shrink/expand (runtime/adapters.py, what the plugin runs) vs vLLM's torch "
+              f"of 20, {a.threads} thread(s): vllm-qe's masked shrink/expand (runtime/adapters.py `routed_masked`; "
+              "the plugin serves the same masking inside its packed form, `adapter_delta`) vs vLLM's torch "
               "punica ops (`bgmv_shrink` + `bgmv_expand`, which gather every token's adapter weights).", "",
               "| tokens | masked (ms) | vLLM torch punica (ms) |", "|---|---|---|"]
     lines += [f"| {t} | {m:.3f} | {p:.3f} |" for t, m, p in micro] + [""]
