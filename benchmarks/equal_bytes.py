@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "peer"))
 
 from chats import load_chats  # noqa: E402
+from evaluate import log_probs, per_chat, text_positions  # noqa: E402
 from run import layer_plan  # noqa: E402
 
 from vllm_qe.calibration.bootstrap import bootstrap_interval, paired_ratio_interval  # noqa: E402
@@ -63,18 +64,13 @@ def calibrate(fixture: Path, out: Path, args: list[str], ignore: list[str], num_
 
 
 @torch.no_grad()
-def evaluate(fixture: Path, ckpt: Path, chats: list[dict[str, torch.Tensor]],
-             fp_logprobs: list[torch.Tensor]) -> dict[str, list[float]]:
+def evaluate(ckpt: Path, chats: list[dict[str, torch.Tensor]], fp_logprobs: list[torch.Tensor],
+             text: list[torch.Tensor]) -> dict[str, list[float]]:
+    """Per-chat KL / top-1 sums of the checkpoint's fake-quant model against the FP log-probs (the peer
+    benchmark's `per_chat`: every position, and the text positions `text` alone)."""
     from vllm_qe.calibration.fakequant import load_fake_quant_model
 
-    model = load_fake_quant_model(ckpt)
-    kl, top1, n = [], [], []
-    for c, a in zip(chats, fp_logprobs):
-        b = torch.log_softmax(model(**c).logits[0].double(), -1)
-        kl.append(float((a.exp() * (a - b)).sum()))
-        top1.append(int((a.argmax(-1) == b.argmax(-1)).sum()))
-        n.append(a.shape[0])
-    return {"kl_sum": kl, "top1_hits": top1, "positions": n}
+    return per_chat(fp_logprobs, log_probs(load_fake_quant_model(ckpt), chats), text)
 
 
 def main() -> int:
@@ -110,14 +106,15 @@ def main() -> int:
         chats = load_chats(evals[0])
         fp = AutoModelForImageTextToText.from_pretrained(str(fixture), dtype=torch.float32).eval()
         with torch.no_grad():
-            fp_lp = [torch.log_softmax(fp(**c).logits[0].double(), -1) for c in chats]
+            fp_lp = log_probs(fp, chats)
+        text = text_positions(fixture, chats)
         ignore, _ = layer_plan(fixture, 128)  # the same layers for every row (those g128 can quantize)
         for label, args in configs:
             for seed in seeds:
                 variant = args[-1] if "--method-params" in args else "default"
                 out = work / name / label.split(" (")[0].replace(" ", "_") / variant / f"seed{seed}"
                 seconds = calibrate(fixture, out, args, ignore, a.num_samples, seed)
-                r = evaluate(fixture, out, chats, fp_lp)
+                r = evaluate(out, chats, fp_lp, text)
                 storage = json.loads((out / "config.json").read_text())["quantization_config"]["storage"]
                 r.update(bpw=storage["bits_per_weight"], seconds=round(seconds, 1), args=args, seed=seed)
                 if seed == seeds[0]:
