@@ -16,7 +16,6 @@ Everything is dequantized by evaluate.py's readers and substituted into the FP f
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -25,12 +24,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chats import load_chats  # noqa: E402
-from evaluate import log_probs, read_checkpoint, substituted_model, text_positions  # noqa: E402
-
-
-def tail(name: str) -> str:
-    """`layers.N.<path>` of a module name (the two tools' spellings differ)."""
-    return re.sub(r"^.*?(layers\.\d+\..+)$", r"\1", name)
+from evaluate import log_probs, read_checkpoint, substituted_model, tail, text_positions  # noqa: E402
 
 
 def input_grams(model, modules: set[str], chats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -179,6 +179,11 @@ def per_chat(fp: list[torch.Tensor], q: list[torch.Tensor], text: list[torch.Ten
     return out
 
 
+def tail(name: str) -> str:
+    """`layers.N.<path>` of a module name (the two tools' spellings differ)."""
+    return re.sub(r"^.*?(layers\.\d+\..+)$", r"\1", name)
+
+
 def text_positions(fixture: Path, chats: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Per chat, bool [T]: input token is not the image placeholder (`image_token_id` in the fixture's config)."""
     cfg = json.loads((fixture / "config.json").read_text())
@@ -227,12 +232,12 @@ def main() -> int:
         check = fp_check = reader_check = None
         if kind == "compressed-tensors" and (ck / "peer_dense_weights.safetensors").is_file():
             mem = load_file(str(ck / "peer_dense_weights.safetensors"))  # in-memory names, llm-compressor's venv
-            tail = {re.sub(r"^.*?(layers\.\d+\..+)$", r"\1", k): v for k, v in mem.items()}
-            mine = {re.sub(r"^.*?(layers\.\d+\..+)$", r"\1", k): v for k, v in weights.items()}
-            if tail.keys() != mine.keys():
+            theirs = {tail(k): v for k, v in mem.items()}
+            mine = {tail(k): v for k, v in weights.items()}
+            if theirs.keys() != mine.keys():
                 raise RuntimeError(f"{ck}: modules in the files {sorted(mine)[:3]}... differ from those "
-                                   f"llm-compressor quantized in memory {sorted(tail)[:3]}...")
-            reader_check = max(float((tail[k] - mine[k]).abs().max()) for k in mine)
+                                   f"llm-compressor quantized in memory {sorted(theirs)[:3]}...")
+            reader_check = max(float((theirs[k] - mine[k]).abs().max()) for k in mine)
         if kind == "compressed-tensors" and a.calib_chats and (ck / "peer_fp_logits_chat0.safetensors").is_file():
             theirs = load_file(str(ck / "peer_fp_logits_chat0.safetensors"))["logits"]
             with torch.no_grad():

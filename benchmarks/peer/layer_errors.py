@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chats import load_chats  # noqa: E402
-from diagnose import input_grams, rel_error, tail  # noqa: E402
-from evaluate import read_checkpoint  # noqa: E402
+from diagnose import input_grams, rel_error  # noqa: E402
+from evaluate import read_checkpoint, tail  # noqa: E402
 from run import REPO, SETTINGS  # noqa: E402
 
 
