@@ -50,6 +50,13 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("SmoothQuant W4A8 g128", ["--method", "smoothquant", "--wbits", "4", "--abits", "8", "--group-size", "128"]),
     ("QE W4A8 g128 (default: 0.25 bpw adapters)", ["--method", "qe", "--wbits", "4", "--abits", "8",
                                                    "--group-size", "128"]),
+    ("QE W4A8 g128 (SmoothQuant base: the former default)", ["--method", "qe", "--wbits", "4", "--abits", "8",
+                                                              "--group-size", "128", "--method-params",
+                                                              '{"base": "smoothquant"}']),
+    ("GPTQ W4A6 g128", ["--method", "gptq", "--wbits", "4", "--abits", "6", "--group-size", "128"]),
+    ("SmoothQuant W4A6 g128", ["--method", "smoothquant", "--wbits", "4", "--abits", "6", "--group-size", "128"]),
+    ("QE W4A6 g128 (default: 0.25 bpw adapters)", ["--method", "qe", "--wbits", "4", "--abits", "6",
+                                                   "--group-size", "128"]),
 ]
 
 
