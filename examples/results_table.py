@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ METHODS: dict[str, tuple] = {
     "LQER (r=8)": ("lqer", {"rank": 8}),
     "QE (r=4+4)": ("qe", {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4}),
     "QE+GPTQ (r=4+4)": ("qe", {**QE_R44, "base": "gptq"}),
+    "QE (default)": ("qe", {}),  # the CLI default: GPTQ base (measured base under act. quant), 0.25 bpw adapters
     "TLQ": ("gptq", {}, {"token_importance": "gradnorm"}),
     "TLQ+QE (r=4+4)": ("qe", {**QE_R44, "base": "gptq"}, {"token_importance": "gradnorm"}),
 }
@@ -148,7 +151,11 @@ def main() -> int:
         results = {}  # another model's rows: start over
     results["meta"] = {"model": model.name, "task": task, "eval_samples": a.eval_samples,
                        "calib_samples": a.calib_samples,
-                       "training": json.loads((model / "training_log.json").read_text())["steps"]}
+                       "training": json.loads((model / "training_log.json").read_text())["steps"],
+                       "argv": " ".join(shlex.quote(x) for x in sys.argv[1:])}
+    if (model / "outliers.json").is_file():  # examples/outlier_fixture.py's variant: say so in the table
+        results["meta"]["outliers"] = {k: v for k, v in json.loads((model / "outliers.json").read_text()).items()
+                                       if k != "channels"}
     fp = evaluate_dirs(model, None, n=a.eval_samples, task=task)
     results["FP32"] = {"-": {"accuracy": fp.accuracy, "kl": 0.0, "top1": 1.0, "by_kind": fp.accuracy_by_kind,
                              "bpw": 32.0, "intervals": {"accuracy": fp.intervals["accuracy"]}}}
@@ -212,9 +219,16 @@ def write_reports(results: dict, moe: bool = False) -> None:
     task = meta.get("task", "basic")
     model_desc = "Qwen3-VL-MoE (8 experts, top-2)" if moe else "Qwen2-VL"
     flags = " --table moe" if moe else (" --task hard" if task == "hard" else "")
+    if meta.get("argv") is not None:
+        flags = f" {meta['argv']}" if meta["argv"] else ""
+    out = meta.get("outliers")
+    variant = (f", then given activation outliers without changing its function (`examples/outlier_fixture.py`: "
+               f"{out['fraction']:.0%} of the channels per norm and MLP x{out['scale']:g}, seed {out['seed']})"
+               if out else "")
     lines = [
         f"{meta['eval_samples']} held-out questions of the {task} generated VQA task; {meta['calib_samples']} "
-        f"calibration samples. Model: tiny {model_desc} trained here ({meta['training']} steps). Columns: stored "
+        f"calibration samples. Model: tiny {model_desc} trained here ({meta['training']} steps){variant}. "
+        "Columns: stored "
         "bits per weight over the quantized modules (packed weights, scales, zeros, smoothing, adapters, router), "
         "next-token KL(FP || Q) in nats and top-1 agreement with FP over the answer positions, exact-match "
         "accuracy, and its paired difference to FP on the same questions; [95 % bootstrap intervals, questions "
