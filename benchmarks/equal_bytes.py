@@ -82,7 +82,7 @@ def evaluate(ckpt: Path, chats: list[dict[str, torch.Tensor]], fp_logprobs: list
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fixtures", default="qwen2_vl-256,qwen2_5_vl-odd")
+    p.add_argument("--fixtures", default="qwen2_vl-256,qwen2_5_vl-odd,qwen2_5_vl-odd-outliers")
     p.add_argument("--peer-work", default=str(REPO / "runs" / "peer"))
     p.add_argument("--work", default=str(REPO / "runs" / "equal-bytes"))
     p.add_argument("--num-samples", type=int, default=32)

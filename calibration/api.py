@@ -19,6 +19,7 @@ from vllm_qe.calibration.algorithms import get_algorithm
 from vllm_qe.calibration.block import BlockCalibrator
 from vllm_qe.calibration.config import CalibrationConfig
 from vllm_qe.calibration.data import build_inputs, load_calibration_set
+from vllm_qe.calibration.gradients import mix_token_weights
 from vllm_qe.calibration.model_structure import image_token_id
 from vllm_qe.calibration.pipeline import calibrate_blocks, gradient_pass
 from vllm_qe.calibration.plan import CalibrationPlan, build_plan
@@ -58,6 +59,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
 
     config = config or CalibrationConfig()
     algorithm = get_algorithm(config.method, clip=config.clip, **config.method_params)  # bad parameters fail before any loading
+    if not 0.0 <= config.token_importance_mix <= 1.0:
+        raise ValueError(f"token_importance_mix: must be in [0, 1], got {config.token_importance_mix}")
     if config.offload and config.token_importance == "first_order":
         raise ValueError("offload: token_importance 'first_order' needs a whole RTN copy of the model; "
                          "use 'gradnorm' or calibrate without offload")
@@ -98,7 +101,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
             grads = gradient_pass(model, plan.chains, samples, starts, img_tok,
                                   config.token_importance or "gradnorm", plan.scheme_of, reducer)
             store.save_gradients(grads)
-        block.token_weights = grads.token_weight if config.token_importance else {}
+        block.token_weights = (mix_token_weights(grads.token_weight, config.token_importance_mix)
+                               if config.token_importance else {})
         block.unit_ratio = grads.vision_text_ratio
         block.gamma = grads.gamma
     results = calibrate_blocks(model, plan.chains, samples, img_tok, block, store=store, weights=weights,

@@ -25,6 +25,8 @@ class CalibrationConfig:
     ignore: list[str] = field(default_factory=list)
     propagate: str = "quantized"
     token_importance: str | None = None  # TLQ: None | "gradnorm" | "first_order"
+    # TLQ: a token's weight is (1 - mix) + mix * its normalised importance (gradients.mix_token_weights)
+    token_importance_mix: float = 0.5
     method_params: dict[str, Any] = field(default_factory=dict)
     clip: str = "minmax"  # weight group ranges of every quantizer: minmax | mse (per-group searched clipping)  # parsed into the algorithm's typed Config
     offload: bool = False  # stream block weights from safetensors; calibrated blocks live on disk (streaming.py)

@@ -221,6 +221,19 @@ def test_gradient_pass_gives_token_weights_and_modality_ratios(tiny_dir):
     assert gs.gamma > 0 and all(p.grad is None for p in model.parameters())
 
 
+def test_token_weight_mix_keeps_the_mean_and_interpolates():
+    """TLQ's mix (gradients.mix_token_weights): 0 is uniform, 1 the importance itself, mean 1 either way."""
+    from vllm_qe.calibration.gradients import mix_token_weights
+
+    w = torch.tensor([0.0, 0.1, 2.9])  # mean 1, as collect_gradients gives
+    assert torch.equal(mix_token_weights({"u": [w]}, 0.0)["u"][0], torch.ones(3))
+    assert torch.equal(mix_token_weights({"u": [w]}, 1.0)["u"][0], w)
+    half = mix_token_weights({"u": [w]}, 0.5)["u"][0]
+    assert torch.allclose(half, torch.tensor([0.5, 0.55, 1.95])) and abs(float(half.mean()) - 1) < 1e-6
+    with pytest.raises(ValueError, match="token_importance_mix"):
+        mix_token_weights({"u": [w]}, 1.5)
+
+
 def test_qe_refinement_does_not_increase_the_routed_error():
     x, w, kind, _ = _planted_layer(n_tokens=1500)
     scheme = ModuleScheme(WeightScheme(3, 32, False), None, AdapterScheme())

@@ -20,7 +20,8 @@ def _calibration_config(a: argparse.Namespace):
         method=a.method, wbits=a.wbits, abits=None if a.abits in (None, 16) else a.abits, group_size=a.group_size,
         symmetric=a.symmetric, calib=a.calib, num_samples=a.num_samples, seed=a.seed,
         quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
-        propagate=a.propagate, token_importance=a.token_importance, method_params=params, offload=a.offload,
+        propagate=a.propagate, token_importance=a.token_importance, token_importance_mix=a.token_importance_mix,
+        method_params=params, offload=a.offload,
         max_activation_mib=a.max_activation_mib, clip=a.clip,
     )
 
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep at most this much of a block's hidden states in memory; spill the rest to disk")
     c.add_argument("--token-importance", choices=["gradnorm", "first_order"], default=None,
                    help="TLQ: weight calibration tokens by gradient-based importance")
+    c.add_argument("--token-importance-mix", type=float, default=0.5,
+                   help="TLQ: token weight = (1 - mix) + mix * normalised importance (1: importance alone)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--no-resume", action="store_true", help="ignore progress saved by an interrupted run")
     c.add_argument("--quiet", action="store_true")

@@ -42,6 +42,10 @@ FIXTURES: dict[str, dict] = {
                          text=dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=2),
                          init_gain=0.5, emb_std=0.3, steps=0, batch=16, lr=1e-3, seed=1),
+    # The trained odd fixture given activation outliers without changing its function (vllm_qe/testing/outliers.py:
+    # 8 % of the channels per norm and MLP x64, as in pretrained LLMs). Its KL is ~50x the source's and moves
+    # ~10 % between calibration sets (the source's: up to 3-4x), so it can rank quantizers.
+    "qwen2_5_vl-odd-outliers": dict(source="qwen2_5_vl-odd", outliers=dict(scale=64.0, fraction=0.08, seed=0)),
     # Harness smoke test only (random init: nearly uniform logits, KL says little).
     "smoke": dict(arch="qwen2_5_vl", vision_out="out_hidden_size",
                   text=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -83,6 +87,16 @@ def build_fixture(name: str, out: Path, vllm_qe: str) -> Path:
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if "source" in spec:  # a transform of another fixture (built or reused first)
+        from vllm_qe.testing.outliers import write_outlier_variant
+
+        src = build_fixture(spec["source"], out.with_name(spec["source"]), vllm_qe)
+        write_outlier_variant(src, tmp, **spec["outliers"])
+        source_meta = json.loads((src / "fixture.json").read_text())
+        (tmp / "fixture.json").write_text(json.dumps({"spec": stamp, "source": source_meta}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return out
     subprocess.run([vllm_qe, "tiny-model", spec["arch"], str(tmp), "--seed", str(spec["seed"])], check=True,
                    stdout=subprocess.DEVNULL)
     config = AutoConfig.from_pretrained(str(tmp))

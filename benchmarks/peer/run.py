@@ -48,7 +48,7 @@ SETTINGS: dict[str, tuple[int, int, bool, str]] = {
     "w4g32s": (4, 32, True, "W4 g32 symmetric"),
     "w3g128s": (3, 128, True, "W3 g128 symmetric"),
 }
-DEFAULT_FIXTURES = "qwen2_5_vl-odd,qwen2_vl-256"
+DEFAULT_FIXTURES = "qwen2_5_vl-odd,qwen2_vl-256,qwen2_5_vl-odd-outliers"
 DEFAULT_SEEDS = "0,1,2"
 ESTIMATE_MIN_PER_SEED = 5  # measured: 3 seeds in 12-16 min on the shared 2 cores (the doc's "took N min")
 LLMC_SPEC = "llmcompressor==0.14.*"
@@ -552,6 +552,23 @@ def write_doc(path: Path, sm: dict) -> str:
 
 
 
+def fixture_description(meta: dict) -> str:
+    """One sentence on how a fixture was made, from its fixture.json (fixtures.py)."""
+    spec = meta["spec"]
+    if "source" in spec:
+        o = spec["outliers"]
+        return (f"{spec['source']} (below) with activation outliers added without changing its function "
+                f"(vllm_qe/testing/outliers.py: {o['fraction']:.0%} of the channels per norm and MLP x{o['scale']:g}, "
+                f"seed {o['seed']}; the logits are bit-identical): {fixture_description(meta['source'])}")
+    tl = meta["train_log"]
+    trained = (f"then trained {spec['steps']} AdamW steps (batch {spec['batch']}, lr {spec['lr']}) on next-token "
+               "loss over the text of generated VQA chats (train split, disjoint from calibration and "
+               f"evaluation; loss {tl[0]['loss']} -> {tl[-1]['loss']})." if tl else "not trained.")
+    return (f"`vllm-qe tiny-model {spec['arch']} --seed {spec['seed']}` resized to language-model widths "
+            f"{json.dumps(spec['text'])}, re-initialised with matrices N(0, {spec['init_gain']}^2 / fan_in) and "
+            f"embeddings N(0, {spec['emb_std']}^2), {trained}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fixtures", default=DEFAULT_FIXTURES)
@@ -617,15 +634,7 @@ def main() -> int:
         fdir = work / "fixtures" / fx
         log(f"fixture {fx}")
         sh([py, str(HERE / "fixtures.py"), fx, str(fdir)], logs / f"fixture-{fx}.log")
-        meta = json.loads((fdir / "fixture.json").read_text())
-        spec, tl = meta["spec"], meta["train_log"]
-        trained = (f"then trained {spec['steps']} AdamW steps (batch {spec['batch']}, lr {spec['lr']}) on next-token "
-                   "loss over the text of generated VQA chats (train split, disjoint from calibration and "
-                   f"evaluation; loss {tl[0]['loss']} -> {tl[-1]['loss']})." if tl else "not trained.")
-        fixture_info[fx] = {"desc": (
-            f"`vllm-qe tiny-model {spec['arch']} --seed {spec['seed']}` resized to language-model widths "
-            f"{json.dumps(spec['text'])}, re-initialised with matrices N(0, {spec['init_gain']}^2 / fan_in) and "
-            f"embeddings N(0, {spec['emb_std']}^2), {trained}")}
+        fixture_info[fx] = {"desc": fixture_description(json.loads((fdir / "fixture.json").read_text()))}
     sm = {"cmd": cmd, "fixtures": fixture_info, "versions": versions, "params": a.vllm_qe_params,
           "started": started, "seeds": seeds, "steps_done": 0, "steps_planned": len(seeds) * len(fixtures),
           "elapsed_min": None, "results": {fx: {} for fx in fixtures}}
