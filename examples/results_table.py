@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -100,6 +100,11 @@ def adapter_cost(ckpt: Path) -> tuple[float, float]:
     return 100 * s.adapter_bytes / max(s.quantized_bytes, 1), 100 * extra_flops / base_flops
 
 
+def total_steps(log: dict) -> int:
+    """Training steps of a model, counting the runs it was initialised from (`previous` in training_log.json)."""
+    return log["steps"] + (total_steps(log["previous"]) if "previous" in log else 0)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--table", choices=["dense", "moe"], default="dense")
@@ -151,8 +156,8 @@ def main() -> int:
         results = {}  # another model's rows: start over
     results["meta"] = {"model": model.name, "task": task, "eval_samples": a.eval_samples,
                        "calib_samples": a.calib_samples,
-                       "training": json.loads((model / "training_log.json").read_text())["steps"],
-                       "argv": " ".join(shlex.quote(x) for x in sys.argv[1:])}
+                       "training": total_steps(json.loads((model / "training_log.json").read_text())),
+                       "model_path": os.path.relpath(model.resolve(), ROOT)}
     if (model / "outliers.json").is_file():  # examples/outlier_fixture.py's variant: say so in the table
         results["meta"]["outliers"] = {k: v for k, v in json.loads((model / "outliers.json").read_text()).items()
                                        if k != "channels"}
@@ -219,8 +224,10 @@ def write_reports(results: dict, moe: bool = False) -> None:
     task = meta.get("task", "basic")
     model_desc = "Qwen3-VL-MoE (8 experts, top-2)" if moe else "Qwen2-VL"
     flags = " --table moe" if moe else (" --task hard" if task == "hard" else "")
-    if meta.get("argv") is not None:
-        flags = f" {meta['argv']}" if meta["argv"] else ""
+    if meta.get("model_path"):  # the command that gives this table: its model and the rows it holds
+        flags = (f" --model {meta['model_path']} --eval-samples {meta['eval_samples']} --calib-samples "
+                 f"{meta['calib_samples']} --settings {' '.join(settings)} --methods "
+                 + " ".join(shlex.quote(m) for m in methods))
     out = meta.get("outliers")
     variant = (f", then given activation outliers without changing its function (`examples/outlier_fixture.py`: "
                f"{out['fraction']:.0%} of the channels per norm and MLP x{out['scale']:g}, seed {out['seed']})"
