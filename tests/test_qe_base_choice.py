@@ -1,4 +1,4 @@
-"""QE's `base="auto"` under activation quantization: the base (GPTQ, SmoothQuant + GPTQ, SmoothQuant + RTN) with
+"""QE's `base="auto"`: the base (GPTQ, SmoothQuant + GPTQ, SmoothQuant + RTN) with
 the lowest measured output error is chosen per input group (pure functions, no vLLM)."""
 
 from __future__ import annotations
@@ -63,3 +63,26 @@ def test_qe_auto_base_is_never_worse_than_any_candidate(outlier_acts: bool) -> N
     out = qe.quantize_group(targets)
     assert all(q.smooth is not None for q in out.values())
     assert base_output_error(out, targets, bits) <= min(errors) * (1 + 1e-6)
+
+
+def test_weight_only_auto_base_smooths_columns_that_read_outlier_channels() -> None:
+    """Weight-only: four input channels carry 64x activations and their weight columns are 64x smaller (the outlier
+    fixture's structure, same outputs). Unsmoothed, those columns fall below every group's step and are lost;
+    `auto` measures that and picks a smoothed base, and QE's base error is the best candidate's."""
+    g = torch.Generator().manual_seed(1)
+    n, in_f, out_f = 1200, 128, 64
+    x = torch.randn(n, in_f, generator=g)
+    w = [torch.randn(out_f, in_f, generator=g) * 0.05 for _ in range(2)]
+    x[:, :4] *= 64
+    for wi in w:
+        wi[:, :4] /= 64
+    st = InputStats(in_f, gram=True, max_tokens=n)
+    st.update(x, torch.zeros(n, dtype=torch.bool))
+    scheme = ModuleScheme(WeightScheme(4, 32, False), None, AdapterScheme(), smooth=True)
+    targets = [LinearTarget(f"m{i}", wi, None, st, scheme) for i, wi in enumerate(w)]
+    best, errors = choose_recipe(CANDIDATES, targets, act_bits=None)
+    assert best.smoothing == "smoothquant" and errors[0] > 2 * min(errors), errors
+    qe = QuantExperts(QEParams(adapter_bpw=0, k=4, num_routed=0))
+    assert qe.uses_smoothing(False)  # the checkpoint declares smoothing: a group may choose it
+    out = qe.quantize_group(targets)
+    assert base_output_error(out, targets, None) <= min(errors) * (1 + 1e-6)

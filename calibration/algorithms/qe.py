@@ -32,8 +32,8 @@ class QEParams:
     num_routed: int = 8  # N_r [S]
     shared_rank: int = 32  # r_s [S]
     routed_rank: int = 32  # r_r [S]
-    # the base under the experts (compose.BASES); auto = GPTQ without activation quantization; with it, per input
-    # group the lowest measured output error of GPTQ, SmoothQuant + GPTQ and SmoothQuant + RTN (`recipe`)
+    # the base under the experts (compose.BASES); auto = per input group the lowest measured output error
+    # (activation quantization included) of GPTQ, SmoothQuant + GPTQ and SmoothQuant + RTN (`recipe`)
     base: Literal["auto", "rtn", "gptq", "veq", "smoothquant", "awq"] = "auto"
     alpha: float = 0.5  # SmoothQuant migration strength
     # C_s columns exempt from direct quantization [S]; off by default: measured worse at equal bytes (the base
@@ -337,25 +337,24 @@ class QuantExperts(Algorithm):
         return self.p.base == "veq"  # γ of the affinity Hessian
 
     def uses_smoothing(self, act_quantized: bool) -> bool:
-        return self.p.base in ("smoothquant", "awq") or (self.p.base == "auto" and act_quantized)
+        return self.p.base in ("smoothquant", "awq", "auto")  # auto: a group may choose a smoothed base
 
     def stats_request(self, scheme: ModuleScheme) -> StatsRequest:
         return StatsRequest(gram=True, max_tokens=4096, topk=self.p.k, affinity=self.p.base == "veq")
 
     def recipe(self, targets: list[LinearTarget]) -> Recipe:
-        """The base under the experts. `auto` without activation quantization is GPTQ (so QE is GPTQ plus adapters
-        that never raise a layer's loss); with it, the candidate (GPTQ, SmoothQuant + GPTQ, SmoothQuant + RTN)
-        with the lowest measured base output error on this group's tokens (`compose.choose_recipe`; measured:
-        SmoothQuant's migration helped W4A6 on one trained model and cost 25-100x KL on the peer fixtures,
-        docs/algorithms.md). `veq` is GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)."""
+        """The base under the experts. `auto`: the candidate (GPTQ, SmoothQuant + GPTQ, SmoothQuant + RTN) with the
+        lowest measured base output error on this group's tokens, activation quantization included when the scheme
+        has it (`compose.choose_recipe`), so QE is the best of those bases plus adapters that never raise a layer's
+        loss. Measured (docs/algorithms.md): SmoothQuant's migration cost 25-100x KL on the outlier-free peer
+        fixtures and is what saves the columns that read outlier channels on the outlier fixture, weight-only
+        too. `veq` is GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)."""
         act = targets[0].scheme.activation
         if self.p.base != "auto":
             return Recipe(*BASES[self.p.base], alpha=self.p.alpha, clip=self.clip)
-        if act is None:
-            return Recipe(*BASES["gptq"], alpha=self.p.alpha, clip=self.clip)
         candidates = [Recipe(sm, qz, alpha=self.p.alpha, clip=self.clip)
                       for sm, qz in (("none", "gptq"), ("smoothquant", "gptq"), ("smoothquant", "rtn"))]
-        return choose_recipe(candidates, targets, act.bits, targets[0].stats.sample_weight)[0]
+        return choose_recipe(candidates, targets, act.bits if act else None, targets[0].stats.sample_weight)[0]
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
         recipe = self.recipe(targets)
