@@ -200,8 +200,15 @@ def main() -> int:
     return 0
 
 
+def _kl(v: float) -> str:
+    """KL in nats: 4 decimals, or 2 significant digits below 0.001 (so small values do not print as 0.0000)."""
+    return f"{v:.4f}" if v >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
 def _ci(r: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
     iv = r.get("intervals", {}).get(key)
+    if iv is not None and key == "kl":
+        return f" [{_kl(iv[0])}, {_kl(iv[1])}]"
     return "" if iv is None else f" [{iv[0] * scale:.{digits}f}, {iv[1] * scale:.{digits}f}]"
 
 
@@ -211,7 +218,7 @@ def _row(name: str, setting: str, r: dict) -> str:
     cost = f"+{r['adapter_bytes_pct']:.0f}% / +{r['adapter_flops_pct']:.0f}%" if r.get("adapter_bytes_pct") else "-"
     snr = f"; {r['moe_snr_db']:.1f} dB" if "moe_snr_db" in r else ""
     bpw = f"{r['bpw']:.2f}" if "bpw" in r else "n/a"
-    return (f"| {name} | {setting} | {bpw} | {r['kl']:.4f}{_ci(r, 'kl', 4)} | {r['top1']:.3f}{_ci(r, 'top1')} | "
+    return (f"| {name} | {setting} | {bpw} | {_kl(r['kl'])}{_ci(r, 'kl')} | {r['top1']:.3f}{_ci(r, 'top1')} | "
             f"{r['accuracy']:.3f}{_ci(r, 'accuracy')} | {delta:+.3f}{_ci(r, 'accuracy_delta')}{snr} | {cost} |")
 
 

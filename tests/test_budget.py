@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_qe.calibration.algorithms.budget import ADAPTER_BITS, adapter_bpw, ranks_for_budget
+from vllm_qe.calibration.algorithms.budget import (
+    ADAPTER_BITS,
+    SMOOTH_BITS,
+    adapter_bpw,
+    ranks_for_budget,
+    smoothing_bpw,
+)
 from vllm_qe.format.spec import AdapterScheme
 
 
@@ -32,6 +38,12 @@ def test_known_ranks() -> None:
     assert ranks_for_budget(128, 128, 0.25, num_routed=8) == AdapterScheme(shared_rank=1)
 
 
+def test_smoothing_vectors_cost_one_float32_vector_per_member() -> None:
+    assert SMOOTH_BITS == 32
+    assert smoothing_bpw(1536, [1536, 256, 256]) == pytest.approx(3 * 32 / 2048)  # q/k/v of Qwen2-VL-2B: 0.047
+    assert smoothing_bpw(128, 64) == 0.5
+
+
 def test_a_fused_group_is_budgeted_with_every_members_adapters() -> None:
     # q/k/v/o of 128 wide with 32-wide k/v: one rank costs 4*128 + (128+32+32+128) = 832 values
     outs = [128, 32, 32, 128]
@@ -48,7 +60,7 @@ def test_bad_budget_is_refused() -> None:
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "llava"])
 def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arch) -> None:
     """The plan of a budgeted QE run: members of a group (same parent, same input) share one adapter scheme,
-    and every group's adapters fit the budget."""
+    and every group's adapters plus its smoothing vectors (QE's `auto` base declares smoothing) fit the budget."""
     import torch
 
     from vllm_qe.calibration.api import CalibrationConfig, plan_calibration
@@ -69,4 +81,6 @@ def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arc
         schemes = {plan.scheme_of(n).adapters for n in members}
         assert len(schemes) == 1, members
         outs = [model.get_submodule(n).weight.shape[0] for n in members]
-        assert adapter_bpw(in_f, outs, schemes.pop()) <= budget
+        smooth = smoothing_bpw(in_f, outs) if plan.scheme_of(members[0]).smooth else 0.0
+        assert plan.scheme_of(members[0]).smooth  # auto: the vectors are stored, so they are budgeted
+        assert adapter_bpw(in_f, outs, schemes.pop()) + smooth <= budget

@@ -13,10 +13,19 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_qe.format.spec import SHARED_A, AdapterScheme, ModuleScheme, WeightScheme, expected_tensors
+from vllm_qe.format.spec import (
+    SHARED_A,
+    SMOOTH_SCALE,
+    AdapterScheme,
+    ModuleScheme,
+    WeightScheme,
+    expected_tensors,
+)
 
 # bits of one stored adapter / router value: the format's dtype for them (float16)
 ADAPTER_BITS = torch.finfo(expected_tensors(ModuleScheme(WeightScheme(), None, AdapterScheme(1)), 1, 1)[SHARED_A][0]).bits
+# bits of one stored smoothing value (one vector `[in]` per module that declares smoothing)
+SMOOTH_BITS = torch.finfo(expected_tensors(ModuleScheme(WeightScheme(), None, AdapterScheme(), True), 1, 1)[SMOOTH_SCALE][0]).bits
 
 
 def _outs(out_f: int | Sequence[int]) -> list[int]:
@@ -36,6 +45,12 @@ def adapter_bpw(in_f: int, out_f: int | Sequence[int], scheme: AdapterScheme,
                 adapter_bits: int = ADAPTER_BITS) -> float:
     """Bits per weight the adapters add to a layer `[out_f, in_f]` (or a group, `out_f` a list)."""
     return adapter_values(in_f, out_f, scheme) * adapter_bits / (in_f * sum(_outs(out_f)))
+
+
+def smoothing_bpw(in_f: int, out_f: int | Sequence[int], smooth_bits: int = SMOOTH_BITS) -> float:
+    """Bits per weight of the smoothing vectors of a layer `[out_f, in_f]` (or a group: one vector per member)."""
+    outs = _outs(out_f)
+    return len(outs) * in_f * smooth_bits / (in_f * sum(outs))
 
 
 def ranks_for_budget(in_f: int, out_f: int | Sequence[int], budget_bpw: float, *, num_routed: int = 0,

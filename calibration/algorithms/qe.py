@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
-from vllm_qe.calibration.algorithms.budget import ranks_for_budget
+from vllm_qe.calibration.algorithms.budget import ranks_for_budget, smoothing_bpw
 from vllm_qe.calibration.algorithms.compose import BASES, Recipe, choose_recipe, smoothing_scales
 from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
@@ -321,11 +321,15 @@ class QuantExperts(Algorithm):
         return super().parse_params(params)
 
     def adapters_for(self, in_features: int, out_features: list[int]) -> AdapterScheme:
-        """With `adapter_bpw >= 0` the largest ranks within that budget on this layer group (`budget.py`);
-        otherwise the explicit ranks."""
+        """With `adapter_bpw >= 0` the largest ranks within that budget on this layer group (`budget.py`), the
+        group's smoothing vectors paid from it when the checkpoint declares smoothing (so base + everything QE
+        adds stays within the budget); otherwise the explicit ranks."""
         if self.p.adapter_bpw < 0:
             return self.adapters
-        return ranks_for_budget(in_features, out_features, self.p.adapter_bpw, num_routed=self.p.num_routed,
+        budget = self.p.adapter_bpw
+        if self.uses_smoothing(True):  # the base choice may smooth: the vectors are stored either way
+            budget = max(0.0, budget - smoothing_bpw(in_features, out_features))
+        return ranks_for_budget(in_features, out_features, budget, num_routed=self.p.num_routed,
                                 routed_share=self.p.routed_share)
 
     @property
