@@ -19,7 +19,7 @@ from vllm_qe.calibration.algorithms import get_algorithm
 from vllm_qe.calibration.block import BlockCalibrator
 from vllm_qe.calibration.config import CalibrationConfig
 from vllm_qe.calibration.data import build_inputs, load_calibration_set
-from vllm_qe.calibration.gradients import mix_token_weights
+from vllm_qe.calibration.gradients import check_token_mix, mix_token_weights
 from vllm_qe.calibration.model_structure import image_token_id
 from vllm_qe.calibration.pipeline import calibrate_blocks, gradient_pass
 from vllm_qe.calibration.plan import CalibrationPlan, build_plan
@@ -59,8 +59,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, config: CalibrationCon
 
     config = config or CalibrationConfig()
     algorithm = get_algorithm(config.method, clip=config.clip, **config.method_params)  # bad parameters fail before any loading
-    if not 0.0 <= config.token_importance_mix <= 1.0:
-        raise ValueError(f"token_importance_mix: must be in [0, 1], got {config.token_importance_mix}")
+    check_token_mix(config.token_importance_mix)  # before any loading, like the parameters above
     if config.offload and config.token_importance == "first_order":
         raise ValueError("offload: token_importance 'first_order' needs a whole RTN copy of the model; "
                          "use 'gradnorm' or calibrate without offload")

@@ -37,6 +37,12 @@ class GradientStats:
         self.gamma = (ts / max(tn, 1)) / max(vs / max(vn, 1), 1e-30)
 
 
+def check_token_mix(mix: float) -> None:
+    """`token_importance_mix` must lie in [0, 1] (a weight between uniform and pure importance)."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"token_importance_mix must be in [0, 1], got {mix}")
+
+
 def mix_token_weights(weights: dict[str, list[torch.Tensor]], mix: float) -> dict[str, list[torch.Tensor]]:
     """Per-token weights `(1 - mix) + mix·w` (each `w` `[T]`, mean 1 per sample, so the result is too) [I].
 
@@ -44,8 +50,7 @@ def mix_token_weights(weights: dict[str, list[torch.Tensor]], mix: float) -> dic
     Hessian, and on a model with activation outliers that left the rest of the tokens unconstrained: on the
     outlier fixture (docs/results.md, 8000 questions) GPTQ W4A16 g32 KL 0.0013 uniform, 0.0396 pure gradnorm,
     0.0007 with `mix = 0.5`, 0.0007 with 0.25 (W3A16: 0.0015, 0.0097, 0.0011, 0.0010)."""
-    if not 0.0 <= mix <= 1.0:
-        raise ValueError(f"token_importance_mix must be in [0, 1], got {mix}")
+    check_token_mix(mix)
     return {name: [(1.0 - mix) + mix * w for w in ws] for name, ws in weights.items()}
 
 

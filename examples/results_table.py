@@ -39,7 +39,7 @@ METHODS: dict[str, tuple] = {
     "LQER (r=8)": ("lqer", {"rank": 8}),
     "QE (r=4+4)": ("qe", {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4}),
     "QE+GPTQ (r=4+4)": ("qe", {**QE_R44, "base": "gptq"}),
-    "QE (default)": ("qe", {}),  # the CLI default: GPTQ base (measured base under act. quant), 0.25 bpw adapters
+    "QE (default)": ("qe", {}),  # the CLI default: base measured per group, 0.25 bpw for adapters + smoothing
     "TLQ": ("gptq", {}, {"token_importance": "gradnorm"}),
     "TLQ+QE (r=4+4)": ("qe", {**QE_R44, "base": "gptq"}, {"token_importance": "gradnorm"}),
 }

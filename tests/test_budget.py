@@ -81,6 +81,5 @@ def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arc
         schemes = {plan.scheme_of(n).adapters for n in members}
         assert len(schemes) == 1, members
         outs = [model.get_submodule(n).weight.shape[0] for n in members]
-        smooth = smoothing_bpw(in_f, outs) if plan.scheme_of(members[0]).smooth else 0.0
         assert plan.scheme_of(members[0]).smooth  # auto: the vectors are stored, so they are budgeted
-        assert adapter_bpw(in_f, outs, schemes.pop()) + smooth <= budget
+        assert adapter_bpw(in_f, outs, schemes.pop()) + smoothing_bpw(in_f, outs) <= budget

@@ -87,7 +87,7 @@ def write_outlier_variant(src: str | Path, dst: str | Path, scale: float = 64.0,
     state, chosen = inject_activation_outliers(load_file(str(weights)), scale, fraction, seed)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(weights.name))  # written below, transformed
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "outliers.json").write_text(json.dumps({"source": str(src), "scale": scale, "fraction": fraction,
                                                    "seed": seed, "channels": chosen}, indent=1))
