@@ -83,16 +83,28 @@ class CalibrationPlan:
         """VEQ's text/vision ratio when no gradient pass gives it (an algorithm's `gamma` parameter, else 1)."""
         return float(getattr(self.algorithm.config, "gamma", 1.0))
 
-    def final_qconfig(self, quantized: list[str]) -> QEConfig:
-        """The checkpoint's scheme once `quantized` (in-memory names) are done: the module lists filled, the
-        expert override dropped when no expert was quantized."""
+    def final_qconfig(self, stored: dict[str, ModuleScheme]) -> QEConfig:
+        """The checkpoint's scheme once the modules in `stored` (in-memory name -> the scheme its tensors realise,
+        `QuantizedLinear.stored_scheme`) are done: the module lists filled, the expert override dropped when no
+        expert was quantized, and an override for every module whose stored scheme differs from the planned one
+        (an input group that chose an unsmoothed base, adapters trimmed to what helps: `stored_overrides`)."""
         q = dataclasses.replace(self.qconfig, overrides=dict(self.qconfig.overrides))
-        done = set(quantized)
-        q.quantized_modules = sorted(self.disk[n] for n in quantized)
+        done = set(stored)
+        q.quantized_modules = sorted(self.disk[n] for n in stored)
         q.ignore = sorted(self.disk[n] for n in self.all_linears if n not in done)
         q.ignore += sorted({self.disk[n].rsplit(".", 2)[0] for n in self.experts if n not in done})
-        if not any(parse_expert_name(n) for n in quantized):
+        if not any(parse_expert_name(n) for n in stored):
             q.overrides.pop(EXPERT_OVERRIDE, None)
+        by_disk = {self.disk[n]: s for n, s in stored.items()}
+        differ = {m for m, s in by_disk.items() if s != q.module_scheme(m)}
+        if differ:
+            q.overrides = {**stored_overrides(by_disk, differ), **q.overrides}
+            for m in sorted(differ):  # a planned exact-name entry wins over a `re:` one: replace it
+                if q.module_scheme(m) != by_disk[m]:
+                    q.overrides[m] = scheme_override(by_disk[m])
+            used = {q.override_key(m) for m in by_disk}  # planned entries every module now bypasses: dropped
+            q.overrides = {k: v for k, v in q.overrides.items() if k in used or k == EXPERT_OVERRIDE}
+        q.validate()
         return q
 
     def lines(self) -> list[str]:
@@ -147,6 +159,35 @@ def _summarise(unit_name: str, modules: list[str], scheme_of: Callable[[str], Mo
     return "; ".join(parts)
 
 
+def kind_pattern(disk_name: str) -> str:
+    """`re:` pattern of every module of `disk_name`'s kind: its block indices (`.<n>.`) replaced by `\\d+`."""
+    return "re:" + re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(disk_name))
+
+
+def scheme_override(s: ModuleScheme) -> dict[str, Any]:
+    """A complete override (every field) that gives a module scheme `s`."""
+    return {"weight": asdict(s.weight), "activation": None if s.activation is None else asdict(s.activation),
+            "adapters": asdict(s.adapters), "smooth": s.smooth}
+
+
+def stored_overrides(stored: dict[str, ModuleScheme], differ: set[str]) -> dict[str, dict[str, Any]]:
+    """Overrides giving each checkpoint module in `differ` its scheme in `stored` (checkpoint name -> scheme of
+    every quantized module), to be placed before the planned ones: one `re:` entry per layer kind where every
+    quantized module of that kind has the same scheme, exact names elsewhere."""
+    out: dict[str, dict[str, Any]] = {}
+    by_kind: dict[str, list[str]] = {}
+    for m in sorted(differ):
+        by_kind.setdefault(kind_pattern(m), []).append(m)
+    for key, members in by_kind.items():
+        rx = re.compile(key[3:])
+        kind = [m for m in stored if rx.fullmatch(m)]
+        if set(kind) == set(members) and len({stored[m] for m in kind}) == 1:
+            out[key] = scheme_override(stored[members[0]])
+        else:
+            out.update({m: scheme_override(stored[m]) for m in members})
+    return out
+
+
 def _adapter_overrides(model: torch.nn.Module, plan: CalibrationPlan) -> dict[str, dict[str, Any]]:
     """Per-group adapter ranks where the algorithm's depend on the layer shape (QE under a bits-per-weight budget).
 
@@ -165,7 +206,7 @@ def _adapter_overrides(model: torch.nn.Module, plan: CalibrationPlan) -> dict[st
             continue
         disk_parent = plan.disk[members[0]].rpartition(".")[0]
         leaves = "|".join(sorted(re.escape(plan.disk[n].rpartition(".")[2]) for n in members))
-        key = "re:" + re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(disk_parent)) + rf"\.({leaves})"
+        key = kind_pattern(disk_parent) + rf"\.({leaves})"
         by_key.setdefault(key, []).append(([plan.disk[n] for n in members], asdict(ranks)))
     out: dict[str, dict[str, Any]] = {}
     for key, entries in by_key.items():

@@ -25,7 +25,7 @@ from vllm_qe.calibration.activations import ActivationStore
 from vllm_qe.calibration.gradients import GradientStats
 from vllm_qe.calibration.reduce import Reducer
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.spec import ModuleScheme
+from vllm_qe.format.spec import ModuleScheme, stored_scheme
 
 
 @dataclass
@@ -200,6 +200,22 @@ class ResumeStore:
         mods = sorted({k.rpartition(".")[0] for k in t})
         return {full: QuantizedLinear.from_tensors({s: t[n] for s, n in suffixes.items()}, self.scheme_of(full))
                 for full, suffixes in group_module_tensors(set(t), mods).items()}
+
+    def stored_schemes(self) -> dict[str, ModuleScheme]:
+        """In-memory name -> the scheme its saved tensors realise (`spec.stored_scheme`), read from the unit files'
+        headers (no tensor is loaded)."""
+        from safetensors import safe_open
+
+        from vllm_qe.format.checkpoint import group_module_tensors
+
+        out: dict[str, ModuleScheme] = {}
+        for _, fname in self.unit_files():
+            with safe_open(str(self.folder / fname), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            mods = sorted({k.rpartition(".")[0] for k in shapes})
+            for full, suffixes in group_module_tensors(set(shapes), mods).items():
+                out[full] = stored_scheme(self.scheme_of(full), {s: shapes[n] for s, n in suffixes.items()})
+        return out
 
     def quantized_names(self) -> list[str]:
         """In-memory names of every module the saved blocks quantized."""

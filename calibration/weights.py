@@ -77,7 +77,8 @@ class InMemoryWeights:
         for n, q in quantized.items():
             tensors.pop(source_tensor(plan.disk[n]), None)
             tensors.update(q.to_tensors(plan.disk[n]))
-        return ckpt.write_checkpoint(out_dir, model_config=model_config, qconfig=plan.final_qconfig(list(quantized)),
+        stored = {n: q.stored_scheme(plan.scheme_of(n)) for n, q in quantized.items()}
+        return ckpt.write_checkpoint(out_dir, model_config=model_config, qconfig=plan.final_qconfig(stored),
                                      tensors=tensors, source_dir=self.model_dir, report=report, overwrite=overwrite)
 
 
@@ -130,7 +131,7 @@ class OffloadedWeights:
               model_config: dict[str, Any], report: dict[str, Any], overwrite: bool) -> Path:
         """One shard per calibrated block + one of the untouched tensors: memory bounded by one block."""
         rest = set(self.source.index) - {source_tensor(plan.disk[n]) for n in quantized}
-        return ckpt.write_checkpoint(out_dir, model_config=model_config, qconfig=plan.final_qconfig(list(quantized)),
+        return ckpt.write_checkpoint(out_dir, model_config=model_config, qconfig=plan.final_qconfig(store.stored_schemes()),
                                      shards=self._shards(store, plan.disk, rest), source_dir=self.model_dir,
                                      report=report, overwrite=overwrite)
 

@@ -83,3 +83,28 @@ def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arc
         outs = [model.get_submodule(n).weight.shape[0] for n in members]
         assert plan.scheme_of(members[0]).smooth  # auto: the vectors are stored, so they are budgeted
         assert adapter_bpw(in_f, outs, schemes.pop()) + smoothing_bpw(in_f, outs) <= budget
+
+
+def test_a_budgeted_qe_checkpoint_declares_what_each_module_stores_within_the_budget(quantized_dir) -> None:
+    """QE W4A6 with the `auto` base under a budget: a group stores a smoothing vector only where its base smooths, its
+    ranks come from the budget left after that vector and are trimmed to what the guard kept, and the checkpoint's
+    scheme of every module is what it stores (the writer's overrides). Total: W4 g32 asymmetric (4.75 bpw) +
+    at most the budget."""
+    from vllm_qe.format import spec
+    from vllm_qe.format.checkpoint import inspect_checkpoint, load_tensors, read_qe_config
+
+    budget = 1.0
+    out = quantized_dir("qwen2_vl", "qe", abits=6, method_params={"adapter_bpw": budget, "num_routed": 2})
+    cfg = read_qe_config(out)
+    tensors = load_tensors(out)
+    smoothed = []
+    for m in cfg.quantized_modules:
+        s = cfg.module_scheme(m)
+        shapes = {suffix: tuple(tensors[f"{m}.{suffix}"].shape) for suffix in spec.ALL_SUFFIXES
+                  if f"{m}.{suffix}" in tensors}
+        assert spec.stored_scheme(s, shapes) == s, m
+        smoothed.append(s.smooth)
+    assert any(smoothed) and not all(smoothed), smoothed  # both kinds of base were chosen on this model
+    assert any(cfg.module_scheme(m).adapters.shared_rank for m in cfg.quantized_modules)
+    assert cfg.storage["bits_per_weight"] <= 4.75 + budget
+    assert inspect_checkpoint(out).modules  # the checkpoint validates against its declared schemes

@@ -54,14 +54,15 @@ def test_choose_recipe_picks_the_base_with_the_lowest_output_error(outlier_acts:
 
 @pytest.mark.parametrize("outlier_acts", [True, False])
 def test_qe_auto_base_is_never_worse_than_any_candidate(outlier_acts: bool) -> None:
-    """QE (no adapters: `adapter_bpw=0`) with `base="auto"` gives the best candidate's base error; the checkpoint
-    declares smoothing, so a winning GPTQ base carries an identity smoothing vector."""
+    """QE (no adapters: `adapter_bpw=0`) with `base="auto"` gives the best candidate's base error, and stores a
+    smoothing vector only where the chosen base smooths (a winning GPTQ base stores none)."""
     targets = _group(outlier_acts)
     bits = targets[0].scheme.activation.bits
-    _, errors = choose_recipe(CANDIDATES, targets, act_bits=bits)
+    best, errors = choose_recipe(CANDIDATES, targets, act_bits=bits)
     qe = QuantExperts(QEParams(adapter_bpw=0, k=4, num_routed=0))
     out = qe.quantize_group(targets)
-    assert all(q.smooth is not None for q in out.values())
+    assert all((q.smooth is not None) == best.smooths for q in out.values())
+    assert all(q.stored_scheme(t.scheme).smooth == best.smooths for q, t in zip(out.values(), targets))
     assert base_output_error(out, targets, bits) <= min(errors) * (1 + 1e-6)
 
 

@@ -65,3 +65,49 @@ def test_a_harmful_routed_expert_is_dropped_and_its_router_row_reset() -> None:
     after, gain2 = routed_loss(resid, x, tw, a2, b2, r2)
     assert after <= float((x @ resid.t()).pow(2).sum()) < before
     assert bool((gain2 <= 0).all())
+
+
+def test_a_group_stores_only_the_adapter_ranks_it_uses() -> None:
+    """`trim_group_adapters`: zero-padded ranks (a short fit, a guard-dropped expert) are cut to the largest rank
+    any member uses, routed experts whose factors are all zero are dropped with their router, and every member
+    computes exactly what it computed before."""
+    from vllm_qe.calibration.algorithms.qe import trim_group_adapters
+    from vllm_qe.format.module import QuantizedLinear
+    from vllm_qe.kernels.reference import qe_linear, route
+
+    g = torch.Generator().manual_seed(0)
+    in_f, outs, e, r = 32, (24, 8), 4, 6
+
+    def member(out_f: int, shared_used: int, routed_used: int) -> QuantizedLinear:
+        q = QuantizedLinear(torch.randint(0, 16, (out_f, in_f), generator=g), torch.rand(out_f, 1, generator=g),
+                            torch.full((out_f, 1), 8.0), 4, -1, False)
+        q.shared_a, q.shared_b = torch.zeros(r, in_f), torch.zeros(out_f, r)
+        q.shared_a[:shared_used] = torch.randn(shared_used, in_f, generator=g)
+        q.shared_b[:, :shared_used] = torch.randn(out_f, shared_used, generator=g)
+        q.routed_a, q.routed_b = torch.zeros(e, r, in_f), torch.zeros(e, out_f, r)
+        q.routed_a[1, :routed_used] = torch.randn(routed_used, in_f, generator=g)
+        q.routed_b[1, :, :routed_used] = torch.randn(out_f, routed_used, generator=g)
+        q.router = torch.rand(e, in_f, generator=g)
+        return q
+
+    x = torch.randn(50, in_f, generator=g)
+
+    def outputs(group: dict[str, QuantizedLinear]) -> list[torch.Tensor]:
+        return [qe_linear(x, q.dequantized_weight(), shared_a=q.shared_a, shared_b=q.shared_b, routed_a=q.routed_a,
+                          routed_b=q.routed_b, expert_ids=None if q.router is None else route(x, q.router)[:, None])
+                for q in group.values()]
+
+    group = {"q": member(outs[0], 2, 0), "k": member(outs[1], 3, 0)}
+    before = outputs(group)
+    trimmed = trim_group_adapters(group)
+    assert [q.shared_a.shape[0] for q in trimmed.values()] == [3, 3]
+    assert [q.shared_b.shape[1] for q in trimmed.values()] == [3, 3]
+    assert all(q.routed_a is None and q.routed_b is None and q.router is None for q in trimmed.values())
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before, outputs(trimmed)))
+
+    group = {"q": member(outs[0], 0, 4), "k": member(outs[1], 0, 1)}
+    before = outputs(group)
+    trimmed = trim_group_adapters(group)
+    assert all(q.shared_a is None and q.shared_b is None for q in trimmed.values())
+    assert [tuple(q.routed_a.shape) for q in trimmed.values()] == [(e, 4, in_f)] * 2
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before, outputs(trimmed)))

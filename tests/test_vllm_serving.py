@@ -35,6 +35,9 @@ QE_SMALL = {"k": 8, "num_routed": 4, "shared_rank": 8, "routed_rank": 8}
     # QE: smoothing + shared + routed experts + router, through vLLM's fused qkv_proj / gate_up_proj layers
     ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL)),
     ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL)),
+    # QE under a byte budget: ranks and smoothing differ per layer kind and per block, declared by `re:` and
+    # exact-name overrides written against checkpoint names (vLLM renames the modules)
+    ("qwen2_vl", "qe", dict(abits=6, method_params={"adapter_bpw": 1.0, "num_routed": 2})),
 ])
 def test_vllm_matches_fake_quant_transformers(arch, method, cfg, quantized_dir, tmp_path):
     ckpt = quantized_dir(arch, method, **cfg)

@@ -6,7 +6,9 @@ An algorithm is a class registered by name (`@register`) with
 - declared attributes the pipeline reads (and nothing else): `needs_gradients` (run the gradient pass first: TLQ
   ratios, VEQ's γ), `supports_moe` (fused MoE experts become per-expert targets), `shared_expert_scale` (all of
   an MoE block's experts' gate/up form one input group), `adapters` / `expert_adapters` (the low-rank experts it
-  produces, an `AdapterScheme`), `uses_smoothing(act_quantized)` (its checkpoint carries `smooth_scale`);
+  produces, an `AdapterScheme`), `uses_smoothing(act_quantized)` (its checkpoint carries `smooth_scale`). These
+  are the plan's bounds: a module may store less (no smoothing vector, lower adapter ranks) and the writer then
+  declares what it stores (`spec.stored_scheme`); MoE experts must store their declared scheme;
 - `stats_request(scheme)`: what the layer loop streams per input (Gram matrix, token reservoir, QE's top-k
   channel counts, VEQ's router affinity);
 - `quantize_group(targets)`: one *input group* (linear layers of a block that read the same tensor, e.g. q/k/v or
@@ -81,9 +83,10 @@ class Algorithm:
         """The low-rank adapters of the linear layers this algorithm writes (none by default)."""
         return AdapterScheme()
 
-    def adapters_for(self, in_features: int, out_features: list[int]) -> AdapterScheme:
+    def adapters_for(self, in_features: int, out_features: list[int], smoothed: bool | None = None) -> AdapterScheme:
         """The adapters of a group of layers reading one input of `in_features` with `out_features` outputs each
-        (layers vLLM fuses into one GEMM must share them); default: `adapters` whatever the shape."""
+        (layers vLLM fuses into one GEMM must share them), `smoothed`: whether the group stores smoothing vectors
+        (None: as `uses_smoothing` declares); default: `adapters` whatever the shape."""
         return self.adapters
 
     @property

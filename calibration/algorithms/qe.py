@@ -21,7 +21,7 @@ from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import choose_qparams, dequantize, quantize
-from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme
+from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme, parse_expert_name
 
 
 @dataclass
@@ -291,6 +291,35 @@ def refine_routed(resid: torch.Tensor, x: torch.Tensor, tw: torch.Tensor, a: tor
     return best[1], best[2], best[3]
 
 
+def _used_rank(*factors: tuple[torch.Tensor | None, int]) -> int:
+    """The smallest rank `r` such that every rank index `>= r` is zero in all `(tensor, rank dim)` pairs."""
+    used = 0
+    for t, dim in factors:
+        if t is None:
+            continue
+        nz = (t != 0).transpose(dim, 0).reshape(t.shape[dim], -1).any(1).nonzero()
+        used = max(used, int(nz[-1]) + 1 if len(nz) else 0)
+    return used
+
+
+def trim_group_adapters(group: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:
+    """The input group's adapters cut to the ranks any member uses (the guard zeroes what does not help,
+    `pad_rank` pads short fits): the shared rank and the routed rank are each the largest used over the group
+    (members vLLM fuses share one scheme); routed experts (and router) are dropped when none is used. The layer
+    computes exactly the same; the checkpoint stores only adapters that lower the calibration loss."""
+    qs = list(group.values())
+    r_s = _used_rank(*((q.shared_a, 0) for q in qs), *((q.shared_b, 1) for q in qs))
+    r_r = _used_rank(*((q.routed_a, 1) for q in qs), *((q.routed_b, 2) for q in qs))
+    for q in qs:
+        if q.shared_a is not None:
+            q.shared_a, q.shared_b = (q.shared_a[:r_s], q.shared_b[:, :r_s]) if r_s else (None, None)
+        if q.routed_a is not None:
+            q.routed_a, q.routed_b = (q.routed_a[:, :r_r], q.routed_b[:, :, :r_r]) if r_r else (None, None)
+            if not r_r:
+                q.router = None
+    return group
+
+
 @register
 class QuantExperts(Algorithm):
     """QE. Parameters (`QEParams`, JSON via --method-params). Defaults are the paper's (32, 8, 32, 32); k is capped
@@ -320,14 +349,14 @@ class QuantExperts(Algorithm):
             params["adapter_bpw"] = -1.0
         return super().parse_params(params)
 
-    def adapters_for(self, in_features: int, out_features: list[int]) -> AdapterScheme:
-        """With `adapter_bpw >= 0` the largest ranks within that budget on this layer group (`budget.py`), the
-        group's smoothing vectors paid from it when the checkpoint declares smoothing (so base + everything QE
-        adds stays within the budget); otherwise the explicit ranks."""
+    def adapters_for(self, in_features: int, out_features: list[int], smoothed: bool | None = None) -> AdapterScheme:
+        """With `adapter_bpw >= 0` the largest ranks within that budget on this layer group (`budget.py`), less
+        the group's smoothing vectors when it stores them (`smoothed`; None: when the checkpoint may, the plan's
+        bound), so base + everything QE adds stays within the budget; otherwise the explicit ranks."""
         if self.p.adapter_bpw < 0:
             return self.adapters
         budget = self.p.adapter_bpw
-        if self.uses_smoothing(True):  # the base choice may smooth: the vectors are stored either way
+        if self.uses_smoothing(True) if smoothed is None else smoothed:
             budget = max(0.0, budget - smoothing_bpw(in_features, out_features))
         return ranks_for_budget(in_features, out_features, budget, num_routed=self.p.num_routed,
                                 routed_share=self.p.routed_share)
@@ -361,13 +390,20 @@ class QuantExperts(Algorithm):
         return choose_recipe(candidates, targets, act.bits if act else None, targets[0].stats.sample_weight)[0]
 
     def quantize_group(self, targets: list[LinearTarget]) -> dict[str, QuantizedLinear]:
+        """One input group: its base (`recipe`), then each member's adapters. A group of dense layers stores only
+        what it uses: a smoothing vector when its base smooths, adapter ranks from the budget left after it,
+        trimmed to the ranks the guard kept (`trim_group_adapters`). MoE experts keep their declared scheme
+        (vLLM's fused-MoE layer holds one scheme for all experts): an identity vector where smoothing is declared."""
         recipe = self.recipe(targets)
         s = smoothing_scales(recipe, targets, token_weight=targets[0].stats.sample_weight)
-        if s is None and self.uses_smoothing(targets[0].scheme.activation is not None):
-            s = torch.ones(targets[0].weight.shape[1])  # the checkpoint declares smoothing: identity vector
+        experts = parse_expert_name(targets[0].name) is not None
+        if experts and s is None and self.uses_smoothing(targets[0].scheme.activation is not None):
+            s = torch.ones(targets[0].weight.shape[1])
+        ranks = None if experts else self.adapters_for(targets[0].weight.shape[1],
+                                                       [t.weight.shape[0] for t in targets], smoothed=s is not None)
         out = {}
         for t in targets:
             # ranks from the module's scheme: MoE experts get one shared expert of `expert_rank` (their override)
             out[t.name] = qe_fit(t.weight, t.stats, t.scheme, self.p, s, recipe.quantizer, t.stats.sample_weight,
-                                 recipe.gptq, t.scheme.adapters, recipe.clip)
-        return out
+                                 recipe.gptq, t.scheme.adapters if experts else ranks, recipe.clip)
+        return out if experts else trim_group_adapters(out)

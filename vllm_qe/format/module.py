@@ -68,6 +68,12 @@ class QuantizedLinear:
                                    routed_a=rounded(self.routed_a), routed_b=rounded(self.routed_b),
                                    router=rounded(self.router))
 
+    def stored_scheme(self, declared: spec.ModuleScheme) -> spec.ModuleScheme:
+        """The scheme `to_tensors` realises (`spec.stored_scheme`): `declared` with this module's smoothing and
+        adapter ranks."""
+        optional = {spec.SMOOTH_SCALE: self.smooth, spec.SHARED_A: self.shared_a, spec.ROUTED_A: self.routed_a}
+        return spec.stored_scheme(declared, {k: tuple(v.shape) for k, v in optional.items() if v is not None})
+
     def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Checkpoint tensors `{f"{name}.{suffix}": tensor}` in the format's dtypes."""
         out_f, in_f = self.shape

@@ -227,14 +227,17 @@ class QEConfig:
         """True when `name` matches the ignore list (exact name, or `re:` regular expression)."""
         return matches_any(name, self.ignore)
 
-    def override_of(self, name: str) -> dict[str, Any]:
-        """The override of module `name`: its exact entry, else the first `re:` entry that fully matches it."""
+    def override_key(self, name: str) -> str | None:
+        """The `overrides` key that applies to module `name`: its exact entry, else the first `re:` entry that
+        fully matches it (None: no override)."""
         if name in self.overrides:
-            return self.overrides[name]
-        for key, ov in self.overrides.items():
-            if key.startswith("re:") and re.fullmatch(key[3:], name):
-                return ov
-        return {}
+            return name
+        return next((k for k in self.overrides if k.startswith("re:") and re.fullmatch(k[3:], name)), None)
+
+    def override_of(self, name: str) -> dict[str, Any]:
+        """The override of module `name` (`override_key`), `{}` if none."""
+        key = self.override_key(name)
+        return {} if key is None else self.overrides[key]
 
     def module_scheme(self, name: str) -> ModuleScheme:
         """The scheme of module `name` after applying its override, if any."""
@@ -294,6 +297,18 @@ ALL_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_ZERO, WEIGHT_SHAPE, SMOOTH_S
 ADAPTER_DTYPE = torch.float16
 LEGACY_ADAPTER_DTYPE = torch.float32
 ADAPTER_SUFFIXES = (SHARED_A, SHARED_B, ROUTED_A, ROUTED_B, ROUTER)
+
+
+def stored_scheme(declared: ModuleScheme, shapes: dict[str, tuple[int, ...]]) -> ModuleScheme:
+    """The scheme a module's stored tensors realise (`shapes`: suffix -> shape): `declared`'s weight and
+    activation, with smoothing and adapter ranks read from the tensors present. An algorithm may store less than
+    its plan declared (a group that chose an unsmoothed base, adapters trimmed to the ranks that help); the writer
+    declares what is stored (`CalibrationPlan.final_qconfig`)."""
+    routed = shapes.get(ROUTED_A)
+    adapters = AdapterScheme(shared_rank=int(shapes[SHARED_A][0]) if SHARED_A in shapes else 0,
+                             num_routed=int(routed[0]) if routed else 0, routed_rank=int(routed[1]) if routed else 0,
+                             top_k=declared.adapters.top_k)
+    return replace(declared, adapters=adapters, smooth=SMOOTH_SCALE in shapes)
 
 
 def expected_tensors(

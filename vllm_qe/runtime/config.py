@@ -8,7 +8,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from vllm_qe.format.spec import QUANT_METHOD, FormatError, QEConfig
+from vllm_qe.format.spec import QUANT_METHOD, FormatError, ModuleScheme, QEConfig
 
 
 class QuantExpertsConfig(QuantizationConfig):
@@ -52,10 +52,7 @@ class QuantExpertsConfig(QuantizationConfig):
             if new is not None:
                 self.vllm_to_ckpt.setdefault(new, ckpt_name)
         self.quantized = set(self.vllm_to_ckpt)
-        for k, v in list(self.qe.overrides.items()):
-            new = hf_to_vllm_mapper._map_name(k)
-            if new is not None:
-                self.qe.overrides.setdefault(new, v)
+        # (schemes are looked up by checkpoint name, `scheme_of`: `re:` overrides are written against those names)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         """Validate the whole checkpoint (`vllm_qe.format.validate`) before the engine builds, so a bad checkpoint
@@ -70,6 +67,11 @@ class QuantExpertsConfig(QuantizationConfig):
                 validate_checkpoint(model_name)
             except FormatError as e:
                 raise InvalidCheckpoint(str(e)) from None
+
+    def scheme_of(self, vllm_name: str) -> ModuleScheme:
+        """The scheme of a quantized module known by its vLLM name: looked up under its checkpoint name, which is
+        what the `overrides` keys (exact names and `re:` patterns) are written against."""
+        return self.qe.module_scheme(self.vllm_to_ckpt[vllm_name])
 
     def checkpoint_modules(self, prefix: str) -> list[str]:
         """vLLM names of the checkpoint modules fused into the layer `prefix` ([] when it is not quantized)."""
@@ -95,7 +97,7 @@ class QuantExpertsConfig(QuantizationConfig):
                 return UnquantizedLinearMethod()
             from vllm_qe.runtime.linear import QELinearMethod
 
-            schemes = [self.qe.module_scheme(m) for m in modules]
+            schemes = [self.scheme_of(m) for m in modules]
             return QELinearMethod(self, prefix, [self.vllm_to_ckpt[m] for m in modules], schemes)
         from vllm.model_executor.layers.fused_moe import RoutedExperts
 
@@ -120,7 +122,7 @@ class QuantExpertsConfig(QuantizationConfig):
         if len(present) != len(names):
             missing = sorted(set(names) - set(present))
             raise FormatError(f"{prefix}: the checkpoint quantizes only some experts (missing {missing[:3]}...)")
-        schemes = {self.qe.module_scheme(n) for n in names}
+        schemes = {self.scheme_of(n) for n in names}
         if len(schemes) != 1:
             raise FormatError(f"{prefix}: experts have different schemes; vLLM runs them as one fused layer")
         ckpt = self.vllm_to_ckpt[names[0]].rsplit(".", 2)[0]
