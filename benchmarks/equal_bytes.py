@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("SmoothQuant W4A8 g128", ["--method", "smoothquant", "--wbits", "4", "--abits", "8", "--group-size", "128"]),
     ("QE W4A8 g128 (default: 0.25 bpw adapters)", ["--method", "qe", "--wbits", "4", "--abits", "8",
                                                    "--group-size", "128"]),
+    ("QE W4A8 g128 (no adapters: adapter_bpw 0)", ["--method", "qe", "--wbits", "4", "--abits", "8",
+                                                   "--group-size", "128", "--method-params", '{"adapter_bpw": 0}']),
     ("QE W4A8 g128 (SmoothQuant base: the former default)", ["--method", "qe", "--wbits", "4", "--abits", "8",
                                                               "--group-size", "128", "--method-params",
                                                               '{"base": "smoothquant"}']),
@@ -88,6 +91,8 @@ def main() -> int:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seeds", default="0,1,2", help="calibration sets (built-in chats drawn with each seed)")
     p.add_argument("--configs", default=None, help="comma-separated labels (prefixes) to run; default: all")
+    p.add_argument("--add-seeds", action="store_true",
+                   help="keep a row's results for other seeds (default: a rerun row holds only --seeds)")
     p.add_argument("--doc", default=str(REPO / "docs" / "equal-bytes.md"))
     p.add_argument("--doc-only", action="store_true", help="rewrite the doc from WORK/results.json")
     a = p.parse_args()
@@ -124,9 +129,9 @@ def main() -> int:
                 r = evaluate(out, chats, fp_lp, text)
                 storage = json.loads((out / "config.json").read_text())["quantization_config"]["storage"]
                 r.update(bpw=storage["bits_per_weight"], seconds=round(seconds, 1), args=args, seed=seed)
-                if seed == seeds[0]:
+                if seed == seeds[0] and not a.add_seeds:
                     results[f"{name} | {label}"] = {}
-                results[f"{name} | {label}"][str(seed)] = r
+                results.setdefault(f"{name} | {label}", {})[str(seed)] = r
                 kl = sum(r["kl_sum"]) / sum(r["positions"])
                 print(f"{name:16s} {label:42s} seed {seed} bpw {r['bpw']:.3f}  KL {kl:.3e}  top-1 "
                       f"{sum(r['top1_hits']) / sum(r['positions']):.4f}", flush=True)
@@ -170,10 +175,25 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
         rows.append(f"| {name} | {label} | {bpw:.3f} | {' / '.join(f'{k:.3g}' for k in kls)} | "
                     f"{sum(kls) / len(kls):.3g} [{lo:.3g}, {hi:.3g}] | {ratio} | {100 * top1:.1f} % |")
     seeds_all = sorted({s for v in results.values() for s in v}, key=int)
+    # the seed set most rows hold is the base command; rows with more sets name the extra command
+    by_seeds: dict[tuple[str, ...], list[str]] = {}
+    for key, v in results.items():
+        by_seeds.setdefault(tuple(sorted(v, key=int)), []).append(key)
+    base = max(by_seeds, key=lambda k: len(by_seeds[k]))
+    extra = []
+    for seeds_of, keys in by_seeds.items():
+        if seeds_of != base:
+            more = [x for x in seeds_of if x not in base]
+            labels = sorted({k.split(" | ")[1] for k in keys})
+            fixtures = sorted({k.split(" | ")[0] for k in keys})
+            extra.append(f" then `.venv/bin/python benchmarks/equal_bytes.py --seeds {','.join(more)} --add-seeds "
+                         f"--fixtures {','.join(fixtures)} --configs "
+                         f"{shlex.quote(','.join(labels))}` for the rows with "
+                         f"{len(seeds_of)} sets ({'; '.join(labels)})")
     doc.write_text("\n".join([
         "# QE vs GPTQ at equal bytes",
         "",
-        f"Regenerate: `.venv/bin/python benchmarks/equal_bytes.py --seeds {','.join(seeds_all)}` (after "
+        f"Regenerate: `.venv/bin/python benchmarks/equal_bytes.py --seeds {','.join(base)}`{','.join(extra)} (after "
         "`benchmarks/peer/run.py` has built the fixtures; about 45 min on 2 idle cores, more when shared).",
         "",
         "Same fixtures, calibration chats (32 built-in image+text chats per calibration set, drawn with seeds "
