@@ -35,7 +35,8 @@ from run import layer_plan  # noqa: E402
 
 from vllm_qe.calibration.bootstrap import bootstrap_interval, paired_ratio_interval  # noqa: E402
 
-REFERENCE = "GPTQ W4 g128"  # every row's ratio is against this configuration on the same calibration set
+REFERENCE = "GPTQ W4 g128"
+TEXT_KL_FLOOR = 1e-9  # nats: below it a text-position KL is float64 round-off and no ratio is formed  # every row's ratio is against this configuration on the same calibration set
 
 # (label, CLI arguments): GPTQ at two group sizes (their bytes bracket QE's) and QE at budgets in between
 CONFIGS: list[tuple[str, list[str]]] = [
@@ -162,18 +163,28 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
         top1 = sum(sum(r["top1_hits"]) / sum(r["positions"]) for r in rs) / len(rs)
         lo, hi = bootstrap_interval(torch.tensor([v for r in rs for v in r["kl_sum"]]),
                                     torch.tensor([v for r in rs for v in r["positions"]]))
+        has_text = all("kl_sum_text" in r for r in rs) and all("kl_sum_text" in ref[x] for x in seeds)
+        text_kl = sum(sum(r["kl_sum_text"]) for r in rs) / sum(sum(r["positions_text"]) for r in rs) if has_text else 0
         if label == REFERENCE:
-            ratio = "1 (reference)"
+            ratio = text_ratio = "1 (reference)"
         else:
             est, rlo, rhi = paired_ratio_interval(torch.tensor([r["kl_sum"] for r in rs]),
                                                   torch.tensor([ref[s]["kl_sum"] for s in seeds]))
             ratio = f"**{est:.2f}** [{rlo:.2f}, {rhi:.2f}]"
+            ref_text = (sum(sum(ref[x]["kl_sum_text"]) for x in seeds) / sum(sum(ref[x]["positions_text"]) for x in seeds)
+                        if has_text else 0)
+            # n/a: text-position KL at float64 round-off (qwen2_vl-256), or not recorded by an older run
+            text_ratio = "n/a" if has_text else "not recorded"
+            if has_text and min(text_kl, ref_text) > TEXT_KL_FLOOR:
+                t_est, t_lo, t_hi = paired_ratio_interval(torch.tensor([r["kl_sum_text"] for r in rs]),
+                                                          torch.tensor([ref[x]["kl_sum_text"] for x in seeds]))
+                text_ratio = f"{t_est:.2f} [{t_lo:.2f}, {t_hi:.2f}]"
             per = [_kl(per_seed[s]) / _kl(ref[s]) for s in seeds]
             side = "below" if rhi < 1 else "above" if rlo > 1 else "straddles"
             verdicts.append(f"- {name}, {label}: {bpw:.3f} bpw vs {ref[seeds[0]]['bpw']:.3f}; ratio per set "
                             f"{', '.join(f'{x:.2f}' for x in per)}; interval {side} 1.")
         rows.append(f"| {name} | {label} | {bpw:.3f} | {' / '.join(f'{k:.3g}' for k in kls)} | "
-                    f"{sum(kls) / len(kls):.3g} [{lo:.3g}, {hi:.3g}] | {ratio} | {100 * top1:.1f} % |")
+                    f"{sum(kls) / len(kls):.3g} [{lo:.3g}, {hi:.3g}] | {ratio} | {text_ratio} | {100 * top1:.1f} % |")
     seeds_all = sorted({s for v in results.values() for s in v}, key=int)
     # the seed set most rows hold is the base command; rows with more sets name the extra command
     by_seeds: dict[tuple[str, ...], list[str]] = {}
@@ -210,11 +221,13 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
         "bootstrap interval over the pooled chats (held-out noise only). Ratio column: KL over GPTQ W4 g128's on "
         "the same calibration set, geometric mean over sets, with a 95 % two-level bootstrap interval (sets, then "
         "chats, crossed; `calibration/bootstrap.py: paired_ratio_interval`) — read a row as better or worse than GPTQ W4 "
-        "g128 only when that interval excludes 1.",
+        "g128 only when that interval excludes 1. Text-position column: the same ratio over the positions whose "
+        "input is not an image placeholder (the next-token predictions serving samples; `n/a` where the KL there "
+        "is float64 round-off, as on the untrained qwen2_vl-256).",
         "",
         "| fixture | configuration | bits/weight | KL per calibration set | KL mean [95 % CI, chats] | "
-        "KL ratio vs GPTQ W4 g128 [95 % CI, sets + chats] | top-1 |",
-        "|---|---|---|---|---|---|---|",
+        "KL ratio vs GPTQ W4 g128 [95 % CI, sets + chats] | the same at text positions only | top-1 |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Caveat on the fixtures (measured in docs/peer-comparison.md): qwen2_vl-256 is untrained and its KL sits "
