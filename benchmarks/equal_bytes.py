@@ -31,12 +31,11 @@ sys.path.insert(0, str(REPO / "benchmarks" / "peer"))
 
 from chats import load_chats  # noqa: E402
 from evaluate import log_probs, per_chat, text_positions  # noqa: E402
-from run import layer_plan  # noqa: E402
+from run import TEXT_KL_FLOOR, layer_plan  # noqa: E402
 
 from vllm_qe.calibration.bootstrap import bootstrap_interval, paired_ratio_interval  # noqa: E402
 
-REFERENCE = "GPTQ W4 g128"
-TEXT_KL_FLOOR = 1e-9  # nats: below it a text-position KL is float64 round-off and no ratio is formed  # every row's ratio is against this configuration on the same calibration set
+REFERENCE = "GPTQ W4 g128"  # every row's ratio is against this configuration on the same calibration set
 
 # (label, CLI arguments): GPTQ at two group sizes (their bytes bracket QE's) and QE at budgets in between
 CONFIGS: list[tuple[str, list[str]]] = [
@@ -145,6 +144,11 @@ def _kl(r: dict) -> float:
     return sum(r["kl_sum"]) / sum(r["positions"])
 
 
+def _text_kl(rs: list[dict]) -> float:
+    """Mean KL over the text positions of the runs `rs`, pooled."""
+    return sum(sum(r["kl_sum_text"]) for r in rs) / sum(sum(r["positions_text"]) for r in rs)
+
+
 def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
     """The table: per row, bits/weight, KL per calibration set and its mean, the KL ratio against GPTQ W4 g128
     on the same sets (geometric mean, two-level interval), top-1 (mean over sets)."""
@@ -163,21 +167,19 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
         top1 = sum(sum(r["top1_hits"]) / sum(r["positions"]) for r in rs) / len(rs)
         lo, hi = bootstrap_interval(torch.tensor([v for r in rs for v in r["kl_sum"]]),
                                     torch.tensor([v for r in rs for v in r["positions"]]))
-        has_text = all("kl_sum_text" in r for r in rs) and all("kl_sum_text" in ref[x] for x in seeds)
-        text_kl = sum(sum(r["kl_sum_text"]) for r in rs) / sum(sum(r["positions_text"]) for r in rs) if has_text else 0
+        ref_rs = [ref[x] for x in seeds]
+        has_text = all("kl_sum_text" in r for r in rs + ref_rs)
         if label == REFERENCE:
             ratio = text_ratio = "1 (reference)"
         else:
             est, rlo, rhi = paired_ratio_interval(torch.tensor([r["kl_sum"] for r in rs]),
                                                   torch.tensor([ref[s]["kl_sum"] for s in seeds]))
             ratio = f"**{est:.2f}** [{rlo:.2f}, {rhi:.2f}]"
-            ref_text = (sum(sum(ref[x]["kl_sum_text"]) for x in seeds) / sum(sum(ref[x]["positions_text"]) for x in seeds)
-                        if has_text else 0)
             # n/a: text-position KL at float64 round-off (qwen2_vl-256), or not recorded by an older run
             text_ratio = "n/a" if has_text else "not recorded"
-            if has_text and min(text_kl, ref_text) > TEXT_KL_FLOOR:
+            if has_text and min(_text_kl(rs), _text_kl(ref_rs)) > TEXT_KL_FLOOR:
                 t_est, t_lo, t_hi = paired_ratio_interval(torch.tensor([r["kl_sum_text"] for r in rs]),
-                                                          torch.tensor([ref[x]["kl_sum_text"] for x in seeds]))
+                                                          torch.tensor([r["kl_sum_text"] for r in ref_rs]))
                 text_ratio = f"{t_est:.2f} [{t_lo:.2f}, {t_hi:.2f}]"
             per = [_kl(per_seed[s]) / _kl(ref[s]) for s in seeds]
             side = "below" if rhi < 1 else "above" if rlo > 1 else "straddles"

@@ -68,11 +68,18 @@ class QuantizedLinear:
                                    routed_a=rounded(self.routed_a), routed_b=rounded(self.routed_b),
                                    router=rounded(self.router))
 
+    def optional_tensors(self) -> dict[str, torch.Tensor]:
+        """Suffix -> tensor of the optional parts this module has (smoothing vector, adapters, router)."""
+        optional = {
+            spec.SMOOTH_SCALE: self.smooth, spec.SHARED_A: self.shared_a, spec.SHARED_B: self.shared_b,
+            spec.ROUTED_A: self.routed_a, spec.ROUTED_B: self.routed_b, spec.ROUTER: self.router,
+        }
+        return {k: v for k, v in optional.items() if v is not None}
+
     def stored_scheme(self, declared: spec.ModuleScheme) -> spec.ModuleScheme:
         """The scheme `to_tensors` realises (`spec.stored_scheme`): `declared` with this module's smoothing and
         adapter ranks."""
-        optional = {spec.SMOOTH_SCALE: self.smooth, spec.SHARED_A: self.shared_a, spec.ROUTED_A: self.routed_a}
-        return spec.stored_scheme(declared, {k: tuple(v.shape) for k, v in optional.items() if v is not None})
+        return spec.stored_scheme(declared, {k: tuple(v.shape) for k, v in self.optional_tensors().items()})
 
     def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Checkpoint tensors `{f"{name}.{suffix}": tensor}` in the format's dtypes."""
@@ -84,12 +91,8 @@ class QuantizedLinear:
         }
         if not self.symmetric:
             t[spec.WEIGHT_ZERO] = self.zero.to(torch.uint8)
-        optional = {
-            spec.SMOOTH_SCALE: self.smooth, spec.SHARED_A: self.shared_a, spec.SHARED_B: self.shared_b,
-            spec.ROUTED_A: self.routed_a, spec.ROUTED_B: self.routed_b, spec.ROUTER: self.router,
-        }
         t.update({k: v.to(spec.ADAPTER_DTYPE if k in spec.ADAPTER_SUFFIXES else torch.float32).clone().contiguous()
-                  for k, v in optional.items() if v is not None})
+                  for k, v in self.optional_tensors().items()})
         return {f"{name}.{k}": v.contiguous() for k, v in t.items()}
 
     @classmethod
