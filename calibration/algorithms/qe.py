@@ -36,6 +36,7 @@ class QEParams:
     # (activation quantization included) of GPTQ, SmoothQuant + GPTQ and SmoothQuant + RTN (`recipe`)
     base: Literal["auto", "rtn", "gptq", "veq", "smoothquant", "awq"] = "auto"
     alpha: float = 0.5  # SmoothQuant migration strength
+    damp: float = 0.01  # the GPTQ base's damping (`GPTQConfig.damp`: fraction of mean(diag H))
     # C_s columns exempt from direct quantization [S]; off by default: measured worse at equal bytes (the base
     # loses those columns and a small adapter cannot give them back; issue 11, docs/algorithms.md)
     exempt_shared: bool = False
@@ -383,9 +384,10 @@ class QuantExperts(Algorithm):
         fixtures and is what saves the columns that read outlier channels on the outlier fixture, weight-only
         too. `veq` is GPTQ on the experts' affinity-weighted Hessian (plain GPTQ elsewhere)."""
         act = targets[0].scheme.activation
+        gptq = GPTQConfig(damp=self.p.damp)
         if self.p.base != "auto":
-            return Recipe(*BASES[self.p.base], alpha=self.p.alpha, clip=self.clip)
-        candidates = [Recipe(sm, qz, alpha=self.p.alpha, clip=self.clip)
+            return Recipe(*BASES[self.p.base], alpha=self.p.alpha, gptq=gptq, clip=self.clip)
+        candidates = [Recipe(sm, qz, alpha=self.p.alpha, gptq=gptq, clip=self.clip)
                       for sm, qz in (("none", "gptq"), ("smoothquant", "gptq"), ("smoothquant", "rtn"))]
         return choose_recipe(candidates, targets, act.bits if act else None, targets[0].stats.sample_weight)[0]
 
