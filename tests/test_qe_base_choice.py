@@ -87,3 +87,14 @@ def test_weight_only_auto_base_smooths_columns_that_read_outlier_channels() -> N
     assert qe.uses_smoothing(False)  # the checkpoint declares smoothing: a group may choose it
     out = qe.quantize_group(targets)
     assert base_output_error(out, targets, None) <= min(errors) * (1 + 1e-6)
+
+
+def test_qe_damp_reaches_its_gptq_base() -> None:
+    """`QEParams.damp` is the damping of QE's GPTQ base: the recipe carries it, and it changes the stored weight
+    (a damping of the Hessian's own scale turns GPTQ's error feedback almost off)."""
+    targets = _group(outlier_acts=False)
+    qe = QuantExperts(QEParams(base="gptq", adapter_bpw=0, damp=0.2))
+    assert qe.recipe(targets).gptq.damp == 0.2
+    damped = qe.quantize_group(targets)["m0"].qweight
+    default = QuantExperts(QEParams(base="gptq", adapter_bpw=0)).quantize_group(targets)["m0"].qweight
+    assert not torch.equal(damped, default)
