@@ -76,7 +76,8 @@ def main() -> int:
     if REFERENCE_DAMP not in damps:
         raise SystemExit(f"--damps must include GPTQ's default {REFERENCE_DAMP} (the single-draw rows use it)")
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
+    # fixtures of earlier runs are kept (a `--fixtures` subset reruns only those)
+    results: dict = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
     for name in a.fixtures.split(","):
         fixture = Path(a.peer_work) / "fixtures" / name
         evals = sorted((Path(a.peer_work) / name).glob("eval-*.safetensors"))
@@ -88,6 +89,7 @@ def main() -> int:
             fp_lp = log_probs(fp, chats)
         text = text_positions(fixture, chats)
         ignore, _ = layer_plan(fixture, 128)
+        results[name] = {}
         runs = [(s, c, seed, d) for s in SCHEMES for c in CONFIGS for seed in seeds for d in damps]
         one = partial(_calibrate_one, fixture=fixture, work=work / name, ignore=ignore, num_samples=a.num_samples)
         with ThreadPoolExecutor(a.jobs) as pool:  # calibrations in parallel, evaluations here in order
@@ -150,9 +152,9 @@ def write_doc(results: dict, doc: Path, a: argparse.Namespace) -> None:
     lines = [
         "# Adapter effect: QE over a GPTQ base vs GPTQ alone, beyond GPTQ's solution noise",
         "",
-        f"Regenerate: `.venv/bin/python benchmarks/adapter_effect.py --fixtures {','.join(results)} --seeds "
-        f"{a.seeds} --damps {a.damps}` (after `benchmarks/peer/run.py` has built the fixtures; about 25 min per "
-        "fixture on 2 idle cores).",
+        f"Regenerate: `.venv/bin/python benchmarks/adapter_effect.py --fixtures {','.join(results)}` (after "
+        "`benchmarks/peer/run.py` has built the fixtures; 20-40 min per "
+        "fixture on 2 idle cores; calibration sets and dampings are the defaults, `--seeds` / `--damps`).",
         "",
         "Every configuration is calibrated on each calibration set (32 built-in image+text chats drawn with the "
         "seed) at each GPTQ damping (GPTQ's `damp`, and QE's GPTQ base's), on the peer benchmark's layers, and "
