@@ -1,16 +1,20 @@
 """The main job end to end: tiny local VLM -> calibrate -> checkpoint -> vLLM OpenAI server -> image question.
 
     python examples/demo.py [--model trained|random] [--arch qwen2_vl|qwen3_vl_moe|...] [--method qe] [--wbits 4]
-                            [--abits 8] [--workdir runs/demo]
+                            [--abits 8] [--method-params JSON] [--workdir runs/demo]
 
 `trained` (default): the tiny Qwen2-VL trained here on the generated VQA task (trained once, 17 min in the recorded run on
 2 cores, then reused from runs/vqa-qwen2vl), so the answer means something. `random`: a random-init tiny model of
-`--arch` (seconds; the answer is noise).
+`--arch` (seconds; the answer is noise). `--method-params`: the method's parameters as `vllm-qe calibrate` takes them;
+the default `{}` is the product default (QE: adapters from a 0.25 bits-per-weight budget, a shared expert on layers
+this narrow); `'{"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4}'` forces routed experts (about twice
+the bytes of W4 on this model).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +29,7 @@ def main() -> int:
     p.add_argument("--method", default="qe")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--method-params", default="{}", help="JSON, as `vllm-qe calibrate --method-params`")
     p.add_argument("--port", type=int, default=8765)
     a = p.parse_args()
 
@@ -54,7 +59,7 @@ def main() -> int:
         print(f"[1/4] building a random-init tiny {a.arch} in {model_dir}")
         build_tiny_model(a.arch, model_dir)
     ckpt_dir = work / f"{model_dir.name}-{a.method}-w{a.wbits}a{a.abits}"
-    params = {"k": 8, "num_routed": 4, "shared_rank": 4, "routed_rank": 4} if a.method == "qe" else {}
+    params = json.loads(a.method_params)
     print(f"[2/4] calibrating ({a.method}, W{a.wbits}A{a.abits}) -> {ckpt_dir}")
     calibrate(model_dir, ckpt_dir, CalibrationConfig(method=a.method, wbits=a.wbits, abits=a.abits,
                                                      group_size=32 if a.abits is None else -1,
