@@ -98,3 +98,25 @@ def test_qe_damp_reaches_its_gptq_base() -> None:
     damped = qe.quantize_group(targets)["m0"].qweight
     default = QuantExperts(QEParams(base="gptq", adapter_bpw=0)).quantize_group(targets)["m0"].qweight
     assert not torch.equal(damped, default)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_qe_over_a_gptq_base_without_adapters_is_that_gptq(act_bits: int | None) -> None:
+    """QE with a GPTQ base and no adapter budget stores exactly what GPTQ stores (the same float64 Hessian and
+    options), so "QE over GPTQ" differs from GPTQ only by what QE adds. Inputs with a large common offset make
+    `H = mu muᵀ + small covariance`, where a float32 copy of H (what QE used to hand its base) flips roundings."""
+    from vllm_qe.calibration.algorithms.gptq import GPTQ, GPTQConfig
+
+    g = torch.Generator().manual_seed(0)
+    n, in_f = 512, 64
+    x = 30.0 + 0.1 * torch.randn(n, in_f, generator=g)
+    st = InputStats(in_f, gram=True, max_tokens=n)
+    st.update(x, torch.zeros(n, dtype=torch.bool))
+    act = None if act_bits is None else ActivationScheme(act_bits)
+    scheme = ModuleScheme(WeightScheme(4, 32, False), act, AdapterScheme())
+    targets = [LinearTarget(f"m{i}", torch.randn(32, in_f, generator=g) * 0.05, None, st, scheme) for i in range(2)]
+    gptq = GPTQ(GPTQConfig()).quantize_group(targets)
+    qe = QuantExperts(QEParams(base="gptq", adapter_bpw=0)).quantize_group(targets)
+    for t in targets:
+        assert torch.equal(qe[t.name].qweight, gptq[t.name].qweight), t.name
+        assert torch.equal(qe[t.name].scale, gptq[t.name].scale), t.name

@@ -167,8 +167,9 @@ def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEP
         exempt = torch.zeros(in_f, dtype=torch.bool)
         exempt[cs] = True
     ws = w if smooth is None else w * smooth
-    h = stats.hessian().float()
-    hs = h if smooth is None else h / torch.outer(smooth, smooth)
+    h64 = stats.hessian()  # float64: the base gets GPTQ's own Hessian (QE over a GPTQ base = that GPTQ + adapters)
+    h = h64.float()
+    hs = h64 if smooth is None else h64 / torch.outer(smooth.double(), smooth.double())
     q = base_quantize(ws, scheme.weight, exempt, hs, base, gptq, clip)
     q.smooth = smooth
     w_hat = dequantize(q.qweight, q.scale, q.zero, q.group_size)
