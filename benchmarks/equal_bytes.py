@@ -236,7 +236,9 @@ def write_doc(results: dict[str, dict[str, dict]], doc: Path) -> None:
         "entirely at image-placeholder positions (text-position KL ~1e-15 for every checkpoint), so its rows rank "
         "predictions serving never samples; qwen2_5_vl-odd (trained) carries 16-33 % of its KL at text positions. "
         "On both, a 10 % change of GPTQ's damping moves single-set KL by up to 3x, which is why only intervals "
-        "over calibration sets are read here. qwen2_5_vl-odd-outliers is qwen2_5_vl-odd with 8 % of its channels "
+        "over calibration sets are read here; docs/adapter-effect.md (`benchmarks/adapter_effect.py`) measures that "
+        "solution noise and compares QE with GPTQ, and with itself without adapters, on each set's KL averaged over "
+        "three dampings. qwen2_5_vl-odd-outliers is qwen2_5_vl-odd with 8 % of its channels "
         "given 64x activation outliers and 64x smaller weight columns (bit-identical logits, "
         "vllm_qe/testing/outliers.py): there calibration sets move GPTQ's KL by about 10 %, and unsmoothed bases "
         "lose the columns that read the outlier channels whatever their bits or group size.",
