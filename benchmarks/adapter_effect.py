@@ -28,10 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "peer"))
 
-from chats import load_chats  # noqa: E402
-from equal_bytes import calibrate, evaluate  # noqa: E402
-from evaluate import log_probs, text_positions  # noqa: E402
-from run import TEXT_KL_FLOOR, layer_plan  # noqa: E402
+from equal_bytes import calibrate, evaluate, load_fixture  # noqa: E402
+from run import TEXT_KL_FLOOR  # noqa: E402
 
 from vllm_qe.calibration.bootstrap import paired_ratio_interval  # noqa: E402
 
@@ -69,8 +67,6 @@ def main() -> int:
     if a.doc_only:
         write_doc(json.loads((work / "results.json").read_text()), Path(a.doc), a)
         return 0
-    from transformers import AutoModelForImageTextToText
-
     seeds = [int(x) for x in a.seeds.split(",")]
     damps = [float(x) for x in a.damps.split(",")]
     if REFERENCE_DAMP not in damps:
@@ -79,16 +75,7 @@ def main() -> int:
     # fixtures of earlier runs are kept (a `--fixtures` subset reruns only those)
     results: dict = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
     for name in a.fixtures.split(","):
-        fixture = Path(a.peer_work) / "fixtures" / name
-        evals = sorted((Path(a.peer_work) / name).glob("eval-*.safetensors"))
-        if not fixture.is_dir() or not evals:
-            raise SystemExit(f"{fixture}: run benchmarks/peer/run.py first (it builds the fixtures and eval chats)")
-        chats = load_chats(evals[0])
-        fp = AutoModelForImageTextToText.from_pretrained(str(fixture), dtype=torch.float32).eval()
-        with torch.no_grad():
-            fp_lp = log_probs(fp, chats)
-        text = text_positions(fixture, chats)
-        ignore, _ = layer_plan(fixture, 128)
+        fixture, chats, fp_lp, text, ignore = load_fixture(Path(a.peer_work), name)
         results[name] = {}
         runs = [(s, c, seed, d) for s in SCHEMES for c in CONFIGS for seed in seeds for d in damps]
         one = partial(_calibrate_one, fixture=fixture, work=work / name, ignore=ignore, num_samples=a.num_samples)

@@ -83,6 +83,25 @@ def evaluate(ckpt: Path, chats: list[dict[str, torch.Tensor]], fp_logprobs: list
     return per_chat(fp_logprobs, log_probs(load_fake_quant_model(ckpt), chats), text)
 
 
+def load_fixture(peer_work: Path, name: str) -> tuple[Path, list[dict[str, torch.Tensor]], list[torch.Tensor],
+                                                     list[torch.Tensor], list[str]]:
+    """The peer benchmark's fixture `name`: its folder, held-out chats, the FP model's log-probs on them, their
+    text-position masks and the `--ignore` patterns of its layer plan (the layers group size 128 can quantize: the
+    same for every row)."""
+    from transformers import AutoModelForImageTextToText
+
+    fixture = peer_work / "fixtures" / name
+    evals = sorted((peer_work / name).glob("eval-*.safetensors"))
+    if not fixture.is_dir() or not evals:
+        raise SystemExit(f"{fixture}: run benchmarks/peer/run.py first (it builds the fixtures and eval chats)")
+    chats = load_chats(evals[0])
+    fp = AutoModelForImageTextToText.from_pretrained(str(fixture), dtype=torch.float32).eval()
+    with torch.no_grad():
+        fp_lp = log_probs(fp, chats)
+    ignore, _ = layer_plan(fixture, 128)
+    return fixture, chats, fp_lp, text_positions(fixture, chats), ignore
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fixtures", default="qwen2_vl-256,qwen2_5_vl-odd,qwen2_5_vl-odd-outliers")
@@ -100,8 +119,6 @@ def main() -> int:
     if a.doc_only:
         write_doc(json.loads((work / "results.json").read_text()), Path(a.doc))
         return 0
-    from transformers import AutoModelForImageTextToText
-
     work.mkdir(parents=True, exist_ok=True)
     seeds = [int(x) for x in a.seeds.split(",")]
     configs = [(lb, ar) for lb, ar in CONFIGS
@@ -111,16 +128,7 @@ def main() -> int:
     # rows of earlier runs are kept (a `--configs` subset reruns only its rows; the reference is rerun with them)
     results: dict[str, dict] = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
     for name in a.fixtures.split(","):
-        fixture = Path(a.peer_work) / "fixtures" / name
-        evals = sorted((Path(a.peer_work) / name).glob("eval-*.safetensors"))
-        if not fixture.is_dir() or not evals:
-            raise SystemExit(f"{fixture}: run benchmarks/peer/run.py first (it builds the fixtures and eval chats)")
-        chats = load_chats(evals[0])
-        fp = AutoModelForImageTextToText.from_pretrained(str(fixture), dtype=torch.float32).eval()
-        with torch.no_grad():
-            fp_lp = log_probs(fp, chats)
-        text = text_positions(fixture, chats)
-        ignore, _ = layer_plan(fixture, 128)  # the same layers for every row (those g128 can quantize)
+        fixture, chats, fp_lp, text, ignore = load_fixture(Path(a.peer_work), name)
         for label, args in configs:
             for seed in seeds:
                 variant = args[-1] if "--method-params" in args else "default"
