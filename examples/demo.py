@@ -32,6 +32,10 @@ def main() -> int:
     p.add_argument("--method-params", default="{}", help="JSON, as `vllm-qe calibrate --method-params`")
     p.add_argument("--port", type=int, default=8765)
     a = p.parse_args()
+    try:
+        params = json.loads(a.method_params)
+    except json.JSONDecodeError as e:
+        p.error(f"--method-params is not JSON: {e}")
 
     import openai
 
@@ -59,10 +63,6 @@ def main() -> int:
         print(f"[1/4] building a random-init tiny {a.arch} in {model_dir}")
         build_tiny_model(a.arch, model_dir)
     ckpt_dir = work / f"{model_dir.name}-{a.method}-w{a.wbits}a{a.abits}"
-    try:
-        params = json.loads(a.method_params)
-    except json.JSONDecodeError as e:
-        p.error(f"--method-params is not JSON: {e}")
     print(f"[2/4] calibrating ({a.method}, W{a.wbits}A{a.abits}) -> {ckpt_dir}")
     calibrate(model_dir, ckpt_dir, CalibrationConfig(method=a.method, wbits=a.wbits, abits=a.abits,
                                                      group_size=32 if a.abits is None else -1,
