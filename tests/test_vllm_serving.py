@@ -44,7 +44,10 @@ def test_vllm_matches_fake_quant_transformers(arch, method, cfg, quantized_dir, 
     reqs = make_requests(ckpt, tmp_path)
     v = run_vllm(ckpt, reqs, tmp_path)
     h = run_transformers(load_fake_quant_model(ckpt), ckpt, reqs)
-    assert_same(v, h, LOGPROB_ATOL)
+    # activation quantization turns the attention's summation-order noise into whole quantization steps where an
+    # activation sits at a rounding boundary (6 bits: 1/31 of the token's max); the tolerance of such schemes
+    # (as in the tensor-parallel test) covers one such step
+    assert_same(v, h, LOGPROB_ATOL if cfg.get("abits") is None else ACT_QUANT_LOGPROB_ATOL)
 
 
 # bf16: every GEMM input and output is rounded to 8 mantissa bits (vLLM's kernels, the reference's activations);
