@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -110,6 +112,9 @@ def test_masked_routed_adapters_equal_punica_and_the_reference():
     torch.testing.assert_close(routed_punica(x, a, b, ids), want, rtol=1e-5, atol=1e-5)
 
 
+# Triton reads TRITON_INTERPRET when its kernels are defined, so setting it inside the test is too late
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_triton_kernel_loads_scales_n_major_and_still_matches_the_reference(symmetric, monkeypatch):
     """TritonGemmKernel makes the scales / zero points N-major once at load (vectorized scale loads) and its output
