@@ -84,8 +84,7 @@ def main() -> int:
                 r = evaluate(out, chats, fp_lp, text)
                 r["bpw"] = json.loads((out / "config.json").read_text())["quantization_config"]["storage"][
                     "bits_per_weight"]
-                results.setdefault(name, {}).setdefault(s, {}).setdefault(c, {}).setdefault(str(seed), {})[
-                    str(d)] = r
+                results[name].setdefault(s, {}).setdefault(c, {}).setdefault(str(seed), {})[str(d)] = r
                 print(f"{name:16s} {s:10s} {c:16s} seed {seed} damp {d}: bpw {r['bpw']:.3f} KL "
                       f"{sum(r['kl_sum']) / sum(r['positions']):.3e}", flush=True)
                 (work / "results.json").write_text(json.dumps(results, indent=1))
