@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_qe.calibration.data import BUILTIN
+from vllm_qe.format.quantizer import DEFAULT_CLIP
 
 
 @dataclass
@@ -28,6 +29,6 @@ class CalibrationConfig:
     # TLQ: a token's weight is (1 - mix) + mix * its normalised importance (gradients.mix_token_weights)
     token_importance_mix: float = 0.5
     method_params: dict[str, Any] = field(default_factory=dict)
-    clip: str = "minmax"  # weight group ranges of every quantizer: minmax | mse (per-group searched clipping)  # parsed into the algorithm's typed Config
+    clip: str = DEFAULT_CLIP  # weight group ranges of every quantizer: minmax | mse (per-group searched clipping)
     offload: bool = False  # stream block weights from safetensors; calibrated blocks live on disk (streaming.py)
     max_activation_mib: float | None = None  # one block's hidden states kept in memory; the rest spill to disk

@@ -22,7 +22,7 @@ def _calibration_config(a: argparse.Namespace):
         quantize_vision=not a.no_vision, quantize_language=not a.no_language, ignore=a.ignore or [],
         propagate=a.propagate, token_importance=a.token_importance, token_importance_mix=a.token_importance_mix,
         method_params=params, offload=a.offload,
-        max_activation_mib=a.max_activation_mib, clip=a.clip,
+        max_activation_mib=a.max_activation_mib, **({"clip": a.clip} if a.clip else {}),
     )
 
 
@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--abits", type=int, default=None, help="activation bits (4/6/8); omit or 16 for weight-only")
     c.add_argument("--group-size", type=int, default=128, help="-1 = per-channel")
     c.add_argument("--symmetric", action="store_true")
-    c.add_argument("--clip", choices=["minmax", "mse"], default="minmax",
+    c.add_argument("--clip", choices=["minmax", "mse"], default=None,
                    help="group ranges of every weight quantizer: min-max, or per-group clipping searched on the "
-                        "(diag-Hessian-weighted) quantization error")
+                        "(diag-Hessian-weighted) quantization error (default: quantizer.DEFAULT_CLIP, "
+                        "docs/algorithms.md)")
     c.add_argument("--calib", default="builtin:vqa", help="builtin:vqa or a datasets imagefolder path")
     c.add_argument("--num-samples", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)

@@ -27,6 +27,7 @@ import torch
 
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
+from vllm_qe.format.quantizer import CLIPS, DEFAULT_CLIP
 from vllm_qe.format.spec import AdapterScheme, ModuleScheme
 
 
@@ -66,11 +67,9 @@ class Algorithm:
     supports_moe: bool = True
     shared_expert_scale: bool = False
 
-    def __init__(self, config: Any = None, *, clip: str = "minmax") -> None:
+    def __init__(self, config: Any = None, *, clip: str = DEFAULT_CLIP) -> None:
         """`config`: the algorithm's typed `Config`; `clip`: how every weight quantizer of this algorithm picks
         group ranges (`minmax` | `mse`, `quantizer.choose_qparams`; the `vllm-qe calibrate --clip` flag)."""
-        from vllm_qe.format.quantizer import CLIPS
-
         if clip not in CLIPS:
             raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
         self.clip = clip
@@ -179,7 +178,7 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-def get_algorithm(name: str, *, clip: str = "minmax", **params: Any) -> Algorithm:
+def get_algorithm(name: str, *, clip: str = DEFAULT_CLIP, **params: Any) -> Algorithm:
     """The algorithm `name` configured from `params` (validated against its `Config`); `clip`: its weight
     quantizers' range choice (`Algorithm.__init__`)."""
     if name not in REGISTRY:

@@ -21,7 +21,7 @@ from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.rtn import rtn_quantize
 from vllm_qe.calibration.algorithms.smoothing import scale_search, smoothquant_scales
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import dequantize
+from vllm_qe.format.quantizer import DEFAULT_CLIP, dequantize
 from vllm_qe.kernels.reference import base_gemm
 
 SEARCH_TOKENS = 1024  # token reservoir of the AWQ-style scale search
@@ -41,7 +41,7 @@ class Recipe:
     grid: int = 20
     loss: str = "mse"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    clip: str = "minmax"  # the quantizer's group ranges (`quantizer.choose_qparams`)
+    clip: str = DEFAULT_CLIP  # the quantizer's group ranges (`quantizer.choose_qparams`)
 
     @property
     def smooths(self) -> bool:
@@ -69,7 +69,7 @@ def smoothing_scales(recipe: Recipe, targets: list[LinearTarget],
 
 
 def quantize_smoothed(quantizer: Quantizer, target: LinearTarget, smooth: torch.Tensor | None,
-                      gptq: GPTQConfig | None = None, clip: str = "minmax") -> QuantizedLinear:
+                      gptq: GPTQConfig | None = None, clip: str = DEFAULT_CLIP) -> QuantizedLinear:
     """`target`'s weight times `diag(smooth)` quantized by `quantizer` (group ranges by `clip`); GPTQ uses the
     Hessian of `x / smooth`."""
     scheme = target.scheme.weight

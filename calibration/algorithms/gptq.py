@@ -9,7 +9,7 @@ import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import CLIPS, DEFAULT_SYM_GRID, choose_qparams
+from vllm_qe.format.quantizer import CLIPS, DEFAULT_CLIP, DEFAULT_SYM_GRID, choose_qparams
 from vllm_qe.format.spec import ModuleScheme, WeightScheme
 
 ACT_ORDERS = ("none", "static", "group")
@@ -17,7 +17,7 @@ ACT_ORDERS = ("none", "static", "group")
 
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, damp: float = 0.01, block_size: int = 128,
-    exempt: torch.Tensor | None = None, actorder: str = "static", clip: str = "minmax",
+    exempt: torch.Tensor | None = None, actorder: str = "static", clip: str = DEFAULT_CLIP,
     sym_grid: str = DEFAULT_SYM_GRID,
 ) -> QuantizedLinear:
     """Quantize `weight` `[out, in]` minimising `tr((W - Ŵ) H (W - Ŵ)ᵀ)` for `H` `[in, in]` = E[x xᵀ].

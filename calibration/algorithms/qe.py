@@ -20,7 +20,7 @@ from vllm_qe.calibration.algorithms.gptq import GPTQConfig, gptq_quantize
 from vllm_qe.calibration.algorithms.lowrank import pad_rank, whitened_svd
 from vllm_qe.calibration.stats import InputStats
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import choose_qparams, dequantize, quantize
+from vllm_qe.format.quantizer import DEFAULT_CLIP, choose_qparams, dequantize, quantize
 from vllm_qe.format.spec import AdapterScheme, ModuleScheme, WeightScheme, parse_expert_name
 
 
@@ -105,7 +105,7 @@ def token_groups(x: torch.Tensor, channel_score: torch.Tensor, k: int, channels:
 
 
 def base_quantize(w: torch.Tensor, scheme: WeightScheme, exempt: torch.Tensor | None, hessian: torch.Tensor | None,
-                  method: str, gptq: GPTQConfig | None = None, clip: str = "minmax") -> QuantizedLinear:
+                  method: str, gptq: GPTQConfig | None = None, clip: str = DEFAULT_CLIP) -> QuantizedLinear:
     """RTN or GPTQ (with `gptq`'s options) of `w` with `exempt` columns forced to dequantize to 0 (they are left
     to the adapters); group ranges by `clip`."""
     if method == "gptq":
@@ -145,7 +145,7 @@ def route_tokens(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
 def qe_fit(weight: torch.Tensor, stats: InputStats, scheme: ModuleScheme, p: QEParams,
            smooth: torch.Tensor | None, base: str, token_weight: torch.Tensor | None = None,
            gptq: GPTQConfig | None = None, ranks: AdapterScheme | None = None,
-           clip: str = "minmax") -> QuantizedLinear:
+           clip: str = DEFAULT_CLIP) -> QuantizedLinear:
     """Quantize one linear layer and fit its shared expert, routed experts and router.
 
     `weight` `[out, in]`; `stats` with Gram, reservoir and top-k co-occurrence; `smooth` `[in]` or None.

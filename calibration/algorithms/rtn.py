@@ -6,12 +6,12 @@ import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, register
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import choose_qparams, quantize
+from vllm_qe.format.quantizer import DEFAULT_CLIP, choose_qparams, quantize
 from vllm_qe.format.spec import WeightScheme
 
 
 def rtn_quantize(weight: torch.Tensor, scheme: WeightScheme, smooth: torch.Tensor | None = None,
-                 clip: str = "minmax") -> QuantizedLinear:
+                 clip: str = DEFAULT_CLIP) -> QuantizedLinear:
     """Quantize `weight` `[out, in]` (times `diag(smooth)` when given) by round-to-nearest, group ranges by
     `clip` (`quantizer.choose_qparams`)."""
     w = weight.float() if smooth is None else weight.float() * smooth.float()

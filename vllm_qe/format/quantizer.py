@@ -120,10 +120,11 @@ def mse_clip_qparams(
 
 
 CLIPS = ("minmax", "mse")
+DEFAULT_CLIP = "minmax"  # every weight quantizer's group ranges unless `--clip` says otherwise (docs/algorithms.md)
 
 
 def choose_qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "minmax", *,
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = DEFAULT_CLIP, *,
     sym_grid: str = DEFAULT_SYM_GRID, column_weight: torch.Tensor | None = None,
 ) -> WeightQuantParams:
     """Group parameters of `w` `[out, in]`: min-max (`clip="minmax"`) or the per-group MSE-searched clipping
