@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from vllm_qe.calibration.algorithms.base import Algorithm, LinearTarget, StatsRequest, register
+from vllm_qe.calibration.algorithms.refit import refit_scales
 from vllm_qe.format.module import QuantizedLinear
 from vllm_qe.format.quantizer import CLIPS, DEFAULT_CLIP, DEFAULT_SYM_GRID, choose_qparams
 from vllm_qe.format.spec import ModuleScheme, WeightScheme
@@ -18,7 +19,7 @@ ACT_ORDERS = ("none", "static", "group")
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, damp: float = 0.01, block_size: int = 128,
     exempt: torch.Tensor | None = None, actorder: str = "static", clip: str = DEFAULT_CLIP,
-    sym_grid: str = DEFAULT_SYM_GRID,
+    sym_grid: str = DEFAULT_SYM_GRID, refit: bool = False,
 ) -> QuantizedLinear:
     """Quantize `weight` `[out, in]` minimising `tr((W - Ŵ) H (W - Ŵ)ᵀ)` for `H` `[in, in]` = E[x xᵀ].
 
@@ -33,7 +34,9 @@ def gptq_quantize(
     `clip`: `minmax` or `mse` (per-group clipping searched on the `diag(H)`-weighted error,
     `quantizer.mse_clip_qparams`); `sym_grid`: `restricted` | `full` (symmetric grids, `quantizer`).
     `damp`: fraction of the mean Hessian diagonal added to the diagonal. `exempt` (bool `[in]`): columns forced to
-    integer zero-point (dequantized 0) — QE's token-independent channels, whose error goes to the adapters."""
+    integer zero-point (dequantized 0) — QE's token-independent channels, whose error goes to the adapters.
+    `refit`: afterwards, refit each row's group scales to GPTQ's integers on the undamped loss (`refit.refit_scales`;
+    never raises the loss)."""
     if actorder not in ACT_ORDERS:
         raise ValueError(f"actorder must be one of {ACT_ORDERS}, got {actorder!r}")
     if actorder == "group":
@@ -102,7 +105,8 @@ def gptq_quantize(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q_int = torch.empty_like(q_perm)
     q_int[:, perm] = q_perm
-    return QuantizedLinear(q_int, scale, zero, scheme.bits, scheme.group_size, scheme.symmetric)
+    q = QuantizedLinear(q_int, scale, zero, scheme.bits, scheme.group_size, scheme.symmetric)
+    return refit_scales(q, weight, hessian) if refit else q
 
 
 @dataclass
@@ -113,6 +117,8 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     # column order (gptq_quantize): static by default (measured, docs/algorithms.md); `group` is not in format v1
     actorder: Literal["none", "static"] = "static"
+    # refit the group scales to the final integers on the layer loss (refit.py)
+    refit: bool = False
 
 
 @register
