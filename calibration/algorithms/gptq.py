@@ -117,8 +117,8 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     # column order (gptq_quantize): static by default (measured, docs/algorithms.md); `group` is not in format v1
     actorder: Literal["none", "static"] = "static"
-    # refit the group scales to the final integers on the layer loss (refit.py)
-    refit: bool = False
+    # refit the group scales to the final integers on the layer loss (refit.py; measured, docs/algorithms.md)
+    refit: bool = True
 
 
 @register
