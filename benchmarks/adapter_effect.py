@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "peer"))
 
 from equal_bytes import calibrate, evaluate, load_fixture  # noqa: E402
-from run import TEXT_KL_FLOOR  # noqa: E402
+from run import TEXT_KL_FLOOR, git_state  # noqa: E402
 
 from vllm_qe.calibration.bootstrap import paired_ratio_interval  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> int:
     a = p.parse_args()
     work = Path(a.work)
     if a.doc_only:
-        write_doc(json.loads((work / "results.json").read_text()), Path(a.doc), a)
+        write_doc(json.loads((work / "results.json").read_text()), Path(a.doc), a, _codes(work))
         return 0
     seeds = [int(x) for x in a.seeds.split(",")]
     damps = [float(x) for x in a.damps.split(",")]
@@ -74,7 +74,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     # fixtures of earlier runs are kept (a `--fixtures` subset reruns only those)
     results: dict = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
+    codes = _codes(work)
     for name in a.fixtures.split(","):
+        codes[name] = git_state()  # the project code this fixture's rows were calibrated with
+        (work / "code.json").write_text(json.dumps(codes, indent=1))
         fixture, chats, fp_lp, text, ignore = load_fixture(Path(a.peer_work), name)
         results[name] = {}
         runs = [(s, c, seed, d) for s in SCHEMES for c in CONFIGS for seed in seeds for d in damps]
@@ -88,8 +91,13 @@ def main() -> int:
                 print(f"{name:16s} {s:10s} {c:16s} seed {seed} damp {d}: bpw {r['bpw']:.3f} KL "
                       f"{sum(r['kl_sum']) / sum(r['positions']):.3e}", flush=True)
                 (work / "results.json").write_text(json.dumps(results, indent=1))
-    write_doc(results, Path(a.doc), a)
+    write_doc(results, Path(a.doc), a, codes)
     return 0
+
+
+def _codes(work: Path) -> dict[str, str]:
+    """Fixture -> the project code (`git_state`) its rows were calibrated with (WORK/code.json)."""
+    return json.loads((work / "code.json").read_text()) if (work / "code.json").is_file() else {}
 
 
 def _calibrate_one(job: tuple[str, str, int, float], *, fixture: Path, work: Path, ignore: list[str],
@@ -132,7 +140,7 @@ def _row(label: str, draws: str, num: dict, den: dict, seeds: list[str], d_num: 
     return f"| {label} | {draws} | {cells[0]} | {cells[1]} |"
 
 
-def write_doc(results: dict, doc: Path, a: argparse.Namespace) -> None:
+def write_doc(results: dict, doc: Path, a: argparse.Namespace, codes: dict[str, str]) -> None:
     """Per fixture and scheme: the noise rows (GPTQ at another damping vs GPTQ at the default, one draw each) and
     the method rows (one draw at the default damping; expected over the dampings), all positions and text only."""
     lines = [
@@ -167,6 +175,7 @@ def write_doc(results: dict, doc: Path, a: argparse.Namespace) -> None:
             bpw = {c: sum(r["bpw"] for s in seeds for r in v[s].values()) / (len(seeds) * len(damps))
                    for c, v in by_config.items()}
             lines += [f"## {name}, {scheme} (sets {', '.join(seeds)}; dampings {', '.join(damps)})", "",
+                      f"Project code: {codes.get(name, 'not recorded')}.", "",
                       "| comparison | draws | KL ratio, all positions [95 % CI] | KL ratio, text positions |",
                       "|---|---|---|---|"]
 
