@@ -8,7 +8,8 @@ compensate). With `q` and `z` fixed, the dequantized row `r` is linear in that r
 minimiser `M_r s_r = b_r`, `M_r[g, h] = v_rg H v_rhᵀ`, `b_r[g] = v_rg H W_rᵀ` — a `G x G` solve per row.
 The new scales are rounded to float16 (the format's scale dtype) and kept per row only where that lowers the
 row's loss and every scale is positive, so the layer's calibration loss never increases (tests/test_refit.py).
-Cost: `out·in²` multiply-adds (as one GPTQ pass) plus `out` solves of size `G`.
+Cost: one pass of `out·in²` multiply-adds (the order of one GPTQ pass) plus `out` solves of size `G`; the loss
+check reuses `M` and `b` (`sᵀMs − 2sᵀb`), so it needs no second pass over `H`.
 """
 
 from __future__ import annotations
@@ -55,17 +56,21 @@ def refit_scales(q: QuantizedLinear, weight: torch.Tensor, hessian: torch.Tensor
     empty = (vg == 0).all(dim=-1)  # [out, G]
     old = q.scale.double()
     eye = torch.eye(n_g, dtype=torch.float64).expand(out_f, n_g, n_g)
-    m = torch.where(empty[:, :, None] | empty[:, None, :], eye * empty[:, :, None], m)
-    b = torch.where(empty, old, b)
-    ridge = 1e-12 * m.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp(min=1e-300)
-    m = m + ridge[:, None, None] * torch.eye(n_g, dtype=torch.float64)
-    new, info = torch.linalg.solve_ex(m, b[..., None])
+    m_solve = torch.where(empty[:, :, None] | empty[:, None, :], eye * empty[:, :, None], m)
+    b_solve = torch.where(empty, old, b)
+    ridge = 1e-12 * m_solve.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp(min=1e-300)
+    new, info = torch.linalg.solve_ex(m_solve + ridge[:, None, None] * torch.eye(n_g, dtype=torch.float64),
+                                      b_solve[..., None])
     new = new[..., 0].float().clamp(min=MIN_SCALE).half().float()
     ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
     new = torch.where(ok[:, None], new, q.scale.float())
 
-    def deq(scale: torch.Tensor) -> torch.Tensor:
-        return (v * scale.double().repeat_interleave(gs, dim=1)[:, :in_f])
+    def loss_less_w_h_w(s: torch.Tensor) -> torch.Tensor:
+        """`[out]`: the row loss minus its constant `W_r H W_rᵀ`, i.e. `sᵀ M s − 2 sᵀ b` (no extra pass over H)."""
+        s = s.double()
+        return torch.einsum("rg,rgh,rh->r", s, m, s) - 2 * (s * b).sum(dim=1)
 
-    better = row_losses(w, deq(new), h) < row_losses(w, deq(q.scale), h)
+    # keep a row's new scales only where the loss drops by more than float64 round-off of these terms
+    margin = 1e-12 * torch.einsum("rg,rgh,rh->r", old, m, old).abs()
+    better = loss_less_w_h_w(new) < loss_less_w_h_w(old) - margin
     return replace(q, scale=torch.where(better[:, None], new, q.scale.float()))
