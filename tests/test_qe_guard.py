@@ -63,7 +63,9 @@ def test_a_harmful_routed_expert_is_dropped_and_its_router_row_reset() -> None:
     assert bool((gain > 0).any())  # the case is harmful without the guard
     a2, b2, r2 = drop_harmful_experts(resid, x, tw, a, b, router)
     after, gain2 = routed_loss(resid, x, tw, a2, b2, r2)
-    assert after <= float((x @ resid.t()).pow(2).sum()) < before
+    no_experts = float((x @ resid.t()).pow(2).sum())
+    # equal when every expert is dropped; the two float32 sums differ in order with the thread count
+    assert after <= no_experts * (1 + 1e-6) and no_experts < before
     assert bool((gain2 <= 0).all())
 
 
