@@ -86,7 +86,8 @@ def test_plan_gives_every_fused_group_one_scheme_within_the_budget(tiny_dir, arc
 
 
 def test_a_budgeted_qe_checkpoint_declares_what_each_module_stores_within_the_budget(quantized_dir) -> None:
-    """QE W4A6 with the `auto` base under a budget: a group stores a smoothing vector only where its base smooths, its
+    """QE W4A8 with the `auto` base under a budget (W4A8: on this model it picks both kinds of base; at W4A6, since
+    GPTQ refits its scales, every group picks a smoothed one): a group stores a smoothing vector only where its base smooths, its
     ranks come from the budget left after that vector and are trimmed to what the guard kept, and the checkpoint's
     scheme of every module is what it stores (the writer's overrides). Total: W4 g32 asymmetric (4.75 bpw) +
     at most the budget."""
@@ -94,7 +95,7 @@ def test_a_budgeted_qe_checkpoint_declares_what_each_module_stores_within_the_bu
     from vllm_qe.format.checkpoint import inspect_checkpoint, load_tensors, read_qe_config
 
     budget = 1.0
-    out = quantized_dir("qwen2_vl", "qe", abits=6, method_params={"adapter_bpw": budget, "num_routed": 2})
+    out = quantized_dir("qwen2_vl", "qe", abits=8, method_params={"adapter_bpw": budget, "num_routed": 2})
     cfg = read_qe_config(out)
     tensors = load_tensors(out)
     smoothed = []
