@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_qe.calibration.algorithms.gptq import gptq_quantize
-from vllm_qe.calibration.algorithms.refit import refit_scales, row_losses
+from vllm_qe.calibration.algorithms.refit import refit_scales
 from vllm_qe.calibration.algorithms.rtn import rtn_quantize
 from vllm_qe.format.spec import WeightScheme
 
@@ -20,7 +20,9 @@ def _layer(out_f: int = 64, in_f: int = 256, n: int = 2048, seed: int = 0) -> tu
 
 
 def _loss(w: torch.Tensor, q, h: torch.Tensor) -> torch.Tensor:
-    return row_losses(w, q.dequantized_weight(), h)
+    """float64 `[out]`: each row's loss `(W_r − Ŵ_r) H (W_r − Ŵ_r)ᵀ`, computed directly (not from refit.py's terms)."""
+    e = w.double() - q.dequantized_weight().double()
+    return ((e @ h) * e).sum(dim=1)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

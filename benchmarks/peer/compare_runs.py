@@ -43,7 +43,10 @@ def main() -> int:
             bl = bootstrap([e["vllm_qe"] for e in eb], [e["llmc"] for e in eb], part=a.part)
 
             def cell(r: dict) -> str:
-                return "n/a" if r["ratio"] is None else f"{r['ratio']:.2f} {fmt_ci(r.get('ratio_ci') or (0, 0), 2)}"
+                if r["ratio"] is None:
+                    return "n/a"
+                ci = r.get("ratio_ci")
+                return f"{r['ratio']:.2f}" + (f" {fmt_ci(ci, 2)}" if ci else "")
 
             print(f"| {fx} | {SETTINGS[st][3]} | {','.join(seeds)} | **{cell(ab)}** | {cell(al)} | {cell(bl)} |")
     return 0

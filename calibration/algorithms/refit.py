@@ -19,13 +19,7 @@ from dataclasses import replace
 import torch
 
 from vllm_qe.format.module import QuantizedLinear
-from vllm_qe.format.quantizer import MIN_SCALE, _grouped, num_groups
-
-
-def row_losses(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """float64 `[out]`: `(W_r − Ŵ_r) H (W_r − Ŵ_r)ᵀ` per row (`weight`, `w_hat` `[out, in]`, `hessian` `[in, in]`)."""
-    e = weight.double() - w_hat.double()
-    return ((e @ hessian.double()) * e).sum(dim=1)
+from vllm_qe.format.quantizer import MIN_SCALE, _grouped, dequantize, num_groups
 
 
 def refit_scales(q: QuantizedLinear, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
@@ -33,7 +27,8 @@ def refit_scales(q: QuantizedLinear, weight: torch.Tensor, hessian: torch.Tensor
 
     `weight` `[out, in]`: the weight `q` quantizes (in the space of `q`'s integers: smoothed when `q` smooths);
     `hessian` `[in, in]`: that input's `E[x xᵀ]` (undamped: the loss itself). Rows whose refit (float16-rounded)
-    scales do not lower the row's loss, or are not all positive and finite in float16, keep their scales."""
+    scales do not lower the row's loss, or are not finite in float16, keep their scales (a negative solution is
+    clamped to the smallest scale and judged like any other)."""
     out_f, in_f = q.shape
     if weight.shape != (out_f, in_f) or hessian.shape != (in_f, in_f):
         raise ValueError(f"refit_scales: weight {tuple(weight.shape)} / hessian {tuple(hessian.shape)} do not "
@@ -42,9 +37,9 @@ def refit_scales(q: QuantizedLinear, weight: torch.Tensor, hessian: torch.Tensor
     n_g = num_groups(in_f, q.group_size)
     h = hessian.double()
     w = weight.double()
-    zero = q.zero.double().repeat_interleave(gs, dim=1)[:, :in_f]
-    v = q.qweight.double() - zero  # [out, in]: dequantized weight per unit scale
-    vg = _grouped(v, q.group_size).double()  # [out, G, gs] (zero-padded)
+    # [out, in]: the dequantized weight per unit scale, `q - z` (exact integers)
+    v = dequantize(q.qweight, torch.ones_like(q.scale), q.zero, q.group_size).double()
+    vg = _grouped(v, q.group_size)  # [out, G, gs] (zero-padded)
     m = torch.empty(out_f, n_g, n_g, dtype=torch.float64)
     b = torch.empty(out_f, n_g, dtype=torch.float64)
     for g in range(n_g):
@@ -62,7 +57,7 @@ def refit_scales(q: QuantizedLinear, weight: torch.Tensor, hessian: torch.Tensor
     new, info = torch.linalg.solve_ex(m_solve + ridge[:, None, None] * torch.eye(n_g, dtype=torch.float64),
                                       b_solve[..., None])
     new = new[..., 0].float().clamp(min=MIN_SCALE).half().float()
-    ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
+    ok = (info == 0) & torch.isfinite(new).all(dim=1)
     new = torch.where(ok[:, None], new, q.scale.float())
 
     def loss_less_w_h_w(s: torch.Tensor) -> torch.Tensor:
