@@ -219,7 +219,7 @@ def adapters_microbench(repeats: int = 20) -> list[tuple[int, float, float]]:
     (tokens, masked ms, vLLM torch punica ms) per call, best of `repeats`."""
     import torch
 
-    from vllm_qe.runtime.adapters import routed_masked, routed_punica
+    from vllm_qe.kernels.adapters import routed_masked, routed_punica
 
     K, N, E, r = 1536, 8960, QE_ADAPTERS["num_routed"], QE_ADAPTERS["routed_rank"]
     g = torch.Generator().manual_seed(0)
@@ -263,7 +263,7 @@ def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float, fl
     from vllm.scalar_type import scalar_types
 
     from vllm_qe.format.packing import pack
-    from vllm_qe.runtime.kernels import int4pack_mm
+    from vllm_qe.kernels.int4pack_cpu import int4pack_mm
 
     K, N, g = 1536, 8960, 128
     gen = torch.Generator().manual_seed(0)
@@ -306,9 +306,9 @@ def decode_breakdown(layers: int, repeats: int = 10) -> dict[str, float]:
     import torch
     from vllm import _custom_ops as ops
 
+    from vllm_qe.kernels.adapters import adapter_delta, adapter_delta_unpacked, pack_adapters
+    from vllm_qe.kernels.int4pack_cpu import int4pack_mm
     from vllm_qe.kernels.reference import route_grouped, router_scores
-    from vllm_qe.runtime.adapters import adapter_delta, adapter_delta_unpacked, pack_adapters
-    from vllm_qe.runtime.kernels import int4pack_mm
 
     gen = torch.Generator().manual_seed(0)
     vocab = -(-REAL_VOCAB * layers // REAL_LAYERS // 64) * 64
@@ -375,7 +375,7 @@ def render_profile(prof: dict, a) -> str:
 
 
 def _min_tokens() -> int:
-    from vllm_qe.runtime.kernels import INT4_DEQUANT_MIN_TOKENS
+    from vllm_qe.kernels.int4pack_cpu import INT4_DEQUANT_MIN_TOKENS
 
     return INT4_DEQUANT_MIN_TOKENS
 
@@ -534,7 +534,7 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
               f"{ratio(qe, w4, 'decode_tok_s_b1', '+.1%', True)} (prefill "
               f"{ratio(qe, w4, 'prefill_tok_s_b1', '+.1%', True)}) slower.", "",
               "Routed adapters of one MLP projection (in 1536, out 8960, 4 experts of rank 4, bf16), per call, best "
-              f"of 20, {a.threads} thread(s): vllm-qe's masked shrink/expand (runtime/adapters.py `routed_masked`; "
+              f"of 20, {a.threads} thread(s): vllm-qe's masked shrink/expand (kernels/adapters.py `routed_masked`; "
               "the plugin serves the same masking inside its packed form, `adapter_delta`) vs vLLM's torch "
               "punica ops (`bgmv_shrink` + `bgmv_expand`, which gather every token's adapter weights).", "",
               "| tokens | masked (ms) | vLLM torch punica (ms) |", "|---|---|---|"]

@@ -1,4 +1,4 @@
-"""CPU prefill on packed int4 weights (runtime/kernels.py `int4pack_mm`): torch's int4 GEMM for few tokens,
+"""CPU prefill on packed int4 weights (kernels/int4pack_cpu.py `int4pack_mm`): torch's int4 GEMM for few tokens,
 dequantize (from torch's int4pack bytes) + dense GEMM for many. Both branches against the checkpoint's own
 dequantized math, below and above the crossover; the branch lives inside one opaque op (graph-safe)."""
 
@@ -9,11 +9,10 @@ import torch
 
 from tests.helpers.packed import random_packed_layer
 from vllm_qe.format.module import dequantize_packed
-from vllm_qe.runtime.kernels import (
+from vllm_qe.kernels.base import KernelTarget, QELayerSpec
+from vllm_qe.kernels.int4pack_cpu import (
     INT4_DEQUANT_MIN_TOKENS,
     Int4PackCPUKernel,
-    KernelTarget,
-    QELayerSpec,
     int4pack,
     int4pack_dequantize,
     int4pack_group,
@@ -113,7 +112,7 @@ def test_int4pack_kernel_is_one_opaque_op_under_dynamic_compile():
 def test_packed_adapters_equal_the_per_module_math(splits, shared_rank, num_experts):
     """The served adapter form (one shrink for all modules and kinds, one expand per module) = per module
     `x·A_sᵀ·B_sᵀ + x·A_eᵀ·B_eᵀ` with `e` the token's expert (float32: to summation order)."""
-    from vllm_qe.runtime.adapters import adapter_delta, pack_adapters
+    from vllm_qe.kernels.adapters import adapter_delta, pack_adapters
 
     g = torch.Generator().manual_seed(len(splits))
     n, k, rr, T, out = len(splits), 48, 3, 7, sum(splits)
@@ -145,7 +144,7 @@ def test_router_scores_in_token_chunks_equal_the_reference(tokens):
     """The served router (`vllm_qe::router_scores`, chunked over tokens) = `reference.router_scores` bit for bit,
     so routing decisions are the calibration's."""
     from vllm_qe.kernels import reference
-    from vllm_qe.runtime.adapters import ROUTER_CHUNK_TOKENS
+    from vllm_qe.kernels.adapters import ROUTER_CHUNK_TOKENS
 
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 96, generator=g).bfloat16()

@@ -83,7 +83,7 @@ def test_cpu_choice_takes_vllms_cpuwna16_when_asked(spec_kw, monkeypatch):
 def test_int4pack_holds_the_checkpoint_grid_exactly(bits, symmetric, group):
     """torch's CPU int4 layout reproduces `dequantize_packed` bit for bit in float32 (identity input)."""
     from vllm_qe.format.module import dequantize_packed
-    from vllm_qe.runtime.kernels import Int4PackCPUKernel, int4pack
+    from vllm_qe.kernels.int4pack_cpu import Int4PackCPUKernel, int4pack
 
     out_f, in_f = 48, 192
     packed, scale, zero = random_packed_layer(bits, symmetric, group, out_f, in_f, seed=bits)
@@ -91,7 +91,7 @@ def test_int4pack_holds_the_checkpoint_grid_exactly(bits, symmetric, group):
     assert Int4PackCPUKernel.can_implement(c, KernelTarget("cpu"))[0]
     w4, sz = int4pack(packed, scale, zero, c)
     assert w4.dtype == torch.uint8 and w4.numel() == out_f * in_f // 2  # 4 bits per weight
-    from vllm_qe.runtime.kernels import int4pack_group
+    from vllm_qe.kernels.int4pack_cpu import int4pack_group
 
     got = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(in_f), w4, int4pack_group(c), sz)
     want = dequantize_packed(packed, scale, zero, bits, group, in_f)
@@ -99,8 +99,8 @@ def test_int4pack_holds_the_checkpoint_grid_exactly(bits, symmetric, group):
 
 
 def test_masked_routed_adapters_equal_punica_and_the_reference():
+    from vllm_qe.kernels.adapters import routed_masked, routed_punica
     from vllm_qe.kernels.reference import routed_lowrank
-    from vllm_qe.runtime.adapters import routed_masked, routed_punica
 
     g = torch.Generator().manual_seed(0)
     T, K, N, E, r = 23, 64, 40, 4, 8
@@ -119,7 +119,7 @@ def test_masked_routed_adapters_equal_punica_and_the_reference():
 def test_triton_kernel_loads_scales_n_major_and_still_matches_the_reference(symmetric, monkeypatch):
     """TritonGemmKernel makes the scales / zero points N-major once at load (vectorized scale loads) and its output
     is unchanged: the Triton GEMM (interpreter, forced onto CPU tensors) equals the per-call reference."""
-    from vllm_qe.runtime.kernels import ReferenceKernel, TritonGemmKernel
+    from vllm_qe.kernels.packed import ReferenceKernel, TritonGemmKernel
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     k, n, group = 128, 64, 32

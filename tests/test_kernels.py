@@ -309,7 +309,7 @@ def test_fused_moe_prefill_block_64_matches_reference():
 def test_fused_moe_packed_op_with_smoothing_triton_equals_cpu_oracle(bits, monkeypatch):
     """The plugin's MoE op: the Triton path (per-expert smoothing, shared adapters, top-2, idle experts) equals the
     op's dequantize-then-reference path."""
-    from vllm_qe.kernels import ops
+    from vllm_qe.kernels import packed as ops
 
     e, h, inter, r, t, topk = 5, 64, 32, 4, 11, 2
     g = torch.Generator().manual_seed(bits)

@@ -6,9 +6,9 @@ per fused checkpoint module: smoothing vectors, adapter input sides, routers). U
 column-parallel layers shard the adapters' output side and row-parallel layers their input side; the router's
 partial scores are all-reduced in row-parallel layers so every rank picks the same expert.
 
-At load the base GEMM kernel is chosen once (runtime/kernels.py: vLLM's mixed-precision kernels first, then
-torch's CPU int4 GEMM or the project's Triton GEMM); the weights stay packed. Adapters run as per-token LoRA
-(runtime/adapters.py: one shrink for all modules and both kinds, one expand per module). The forward is plain torch plus registered ops, with no host synchronisation, so vLLM's
+At load the base GEMM kernel is chosen once (runtime/kernels.py's registry: vLLM's mixed-precision
+kernels first, then the project's kernels under kernels/); the weights stay packed. Adapters run as per-token LoRA
+(kernels/adapters.py: one shrink for all modules and both kinds, one expand per module). The forward is plain torch plus registered ops, with no host synchronisation, so vLLM's
 torch.compile traces it.
 """
 
@@ -29,8 +29,8 @@ from vllm_qe.format import spec
 from vllm_qe.format.packing import packed_width, shard_unit
 from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
+from vllm_qe.kernels.adapters import adapter_delta, pack_adapters, router_scores
 from vllm_qe.kernels.reference import route_grouped
-from vllm_qe.runtime.adapters import adapter_delta, pack_adapters, router_scores
 from vllm_qe.runtime.kernels import KernelTarget, QEGemmKernel, QELayerSpec, choose_kernel, log_choice
 
 _SHARD_INDEX = {"q": 0, "k": 1, "v": 2}

@@ -6,10 +6,9 @@ w3 = up) and `w2_<suffix>` with an expert id. Parameters are `[E_local, ...]` st
 w1/w3 rows are this rank's slice of the intermediate dimension (column-parallel), w2 is sliced along its input
 (row-parallel, in whole packed words and whole groups); expert parallelism maps global to local expert ids.
 Experts are weight-only and carry a shared low-rank expert each (QE's correction; the MoE router already makes
-every expert token-dependent). Weights stay packed: on CPU every expert in torch's int4 layout (one
-`runtime.kernels.int4pack_mm` per active expert: torch's int4 GEMM for few tokens, dequantize + dense GEMM for many;
-x86 vLLM has no int4 fused MoE; 2/3/4-bit grids, groups of 32..256), else the checkpoint's layout with the grouped Triton kernel on CUDA or per-call dequantization of the
-active experts on CPU (8-bit, groups of 16). vLLM's Marlin / moe_wna16 int4 MoE on CUDA is not wired (no GPU here). The output is reduced across ranks by vLLM's MoE runner.
+every expert token-dependent). Weights stay packed; the experts' kernel is chosen once per layer from
+`runtime.kernels.MOE_KERNELS` (CPU: `Int4PackMoEKernel`, else `ReferenceMoEKernel`; CUDA: `TritonMoEKernel`) and
+logged per layer kind like the linear layers'. The output is reduced across ranks by vLLM's MoE runner.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from vllm_qe.format import spec
 from vllm_qe.format.packing import packed_width, shard_unit
 from vllm_qe.format.quantizer import num_groups
 from vllm_qe.format.spec import FormatError, ModuleScheme
-from vllm_qe.kernels import ops
-from vllm_qe.runtime.kernels import Int4PackCPUKernel, KernelTarget, QELayerSpec, int4pack, int4pack_group
+from vllm_qe.runtime.kernels import KernelTarget, QELayerSpec, choose_moe_kernel, log_choice
 
 logger = init_logger("vllm.plugins.vllm_qe")  # under the "vllm" logger, which vLLM configures
 
@@ -138,25 +136,9 @@ class QEMoEMethod(FusedMoEMethodBase):
         w = self.scheme.weight
         spec13 = QELayerSpec.build(H, 2 * ip, H, 2 * ip, w.bits, w.group_size, w.symmetric, 0, dt)
         spec2 = QELayerSpec.build(ip, H, ip, H, w.bits, w.group_size, w.symmetric, 0, dt)
-        target = KernelTarget.of(layer.w13_weight_packed)
-        ok = all(Int4PackCPUKernel.can_implement(c, target)[0] for c in (spec13, spec2))
-        self.kernel = "Int4PackCPUKernel" if ok else "TritonMoE" if target.device == "cuda" else "ReferenceMoE"
-        logger.info("vllm-qe: MoE experts (%s) -> %s", spec13.describe(), self.kernel)
-        if not ok:  # CUDA: the grouped Triton kernel; CPU fallback: per-call dequantization of active experts
-            return
-        # CPU: every expert in torch's int4 layout, converted one expert at a time (bounded temporaries).
-        for stem, c in (("w13", spec13), ("w2", spec2)):
-            packed = getattr(layer, f"{stem}_{spec.WEIGHT_PACKED}").data
-            scale = getattr(layer, f"{stem}_{spec.WEIGHT_SCALE}").data
-            zero = getattr(layer, f"{stem}_{spec.WEIGHT_ZERO}", None)
-            ws, szs = zip(*(int4pack(packed[e], scale[e], None if zero is None else zero.data[e], c)
-                            for e in range(E)))
-            for suffix in (spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO):
-                if hasattr(layer, f"{stem}_{suffix}"):
-                    delattr(layer, f"{stem}_{suffix}")
-            setattr(layer, f"qe_{stem}_w4", torch.nn.Parameter(torch.stack(ws), requires_grad=False))
-            setattr(layer, f"qe_{stem}_sz", torch.nn.Parameter(torch.stack(szs), requires_grad=False))
-        layer.qe_groups = (int4pack_group(spec13), int4pack_group(spec2))
+        self.kernel = choose_moe_kernel(spec13, spec2, KernelTarget.of(layer.w13_weight_packed))
+        log_choice("MoE experts", self.kernel, spec13)
+        self.kernel.process_weights_after_loading(layer)
 
     def _stack_adapters(self, layer) -> tuple[torch.Tensor, ...] | None:
         """(A13 `[E, 2r, H]`, block-diagonal B13 `[E, 2I_p, 2r]`, A2 `[E, r, I_p]`, B2 `[E, H, r]`) or None."""
@@ -180,14 +162,7 @@ class QEMoEMethod(FusedMoEMethodBase):
             weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))
             ids = ids.clamp(min=0)
         ad = layer.qe_adapters or (None, None, None, None)
-        if self.kernel == "Int4PackCPUKernel":
-            return ops.qe_moe_int4pack(x, layer.qe_w13_w4, layer.qe_w13_sz, layer.qe_groups[0], layer.qe_w2_w4,
-                                       layer.qe_w2_sz, layer.qe_groups[1], ids, weights, *ad, *layer.qe_smooth)
-        w = self.scheme.weight
-        return ops.qe_fused_moe_packed(
-            x, layer.w13_weight_packed, layer.w13_weight_scale, getattr(layer, f"w13_{spec.WEIGHT_ZERO}", None),
-            layer.w2_weight_packed, layer.w2_weight_scale, getattr(layer, f"w2_{spec.WEIGHT_ZERO}", None),
-            w.bits, w.group_size, ids, weights, *ad, *layer.qe_smooth)
+        return self.kernel.apply(layer, x, ids, weights, ad, layer.qe_smooth)
 
 
 def _local_to_global(layer, num_local: int) -> list[int]:

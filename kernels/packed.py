@@ -1,4 +1,7 @@
-"""Torch custom ops of vllm-qe: opaque to torch.compile / CUDA graphs; CPU -> torch reference, CUDA -> Triton.
+"""Kernels on the checkpoint's own packed layout (`weight_packed` `[out, words]`, any bits): the ops
+`vllm_qe::qe_gemm_packed` (linear) and `vllm_qe::qe_fused_moe_packed` (MoE), opaque to torch.compile / CUDA graphs,
+and the kernel classes that serve with them. CUDA: the project's Triton kernels (kernels/triton/); CPU: per-call
+dequantization + the torch reference (`kernels.reference`, the oracle of the Triton path and the last resort).
 
 The router (`|x|·Rᵀ`, then argmin) stays outside the op so tensor-parallel layers can all-reduce the partial
 scores in between.
@@ -10,8 +13,10 @@ import os
 
 import torch
 
+from vllm_qe.format import spec
 from vllm_qe.format.module import dequantize_packed
 from vllm_qe.kernels import reference
+from vllm_qe.kernels.base import KernelTarget, QEGemmKernel, QELayerSpec, QEMoEKernel, zero_data
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -52,50 +57,6 @@ def _(x, packed, scale, zero, bits, group_size, smooth, act_bits, act_absmax):
 
 def _pair(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None if a is None else (a, b)
-
-
-@torch.library.custom_op("vllm_qe::qe_moe_int4pack", mutates_args=())
-def qe_moe_int4pack(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    sz13: torch.Tensor,
-    group13: int,
-    w2: torch.Tensor,
-    sz2: torch.Tensor,
-    group2: int,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    a13: torch.Tensor | None,
-    b13: torch.Tensor | None,
-    a2: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    smooth13: torch.Tensor | None,
-    smooth2: torch.Tensor | None,
-) -> torch.Tensor:
-    """SwiGLU MoE on CPU with every expert kept in torch's int4 layout (`w13` `[E, 2I, H/2]` uint8, `sz13`
-    `[E, H/g, 2I, 2]`; `w2` `[E, H, I/2]`, `sz2` `[E, I/g, H, 2]`, see `runtime.kernels.int4pack`): one
-    `runtime.kernels.int4pack_mm` per active expert and projection (torch's int4 GEMM for few tokens, dequantize +
-    dense GEMM for many). `smooth13` `[E, H]` / `smooth2` `[E, I]`
-    divide the expert's inputs; adapters as in `reference.fused_moe`."""
-    from vllm_qe.runtime.kernels import int4pack_mm
-
-    dt = sz13.dtype
-
-    def gemm13(e: int, xe: torch.Tensor) -> torch.Tensor:
-        xs = xe if smooth13 is None else xe.float() / smooth13[e]
-        return int4pack_mm(xs.to(dt).contiguous(), w13[e], group13, sz13[e])
-
-    def gemm2(e: int, a: torch.Tensor) -> torch.Tensor:
-        xs = a if smooth2 is None else a.float() / smooth2[e]
-        return int4pack_mm(xs.to(dt).contiguous(), w2[e], group2, sz2[e])
-
-    return reference.fused_moe_with(x, gemm13, gemm2, w2.shape[1], topk_ids, topk_weights, _pair(a13, b13),
-                                    _pair(a2, b2))
-
-
-@qe_moe_int4pack.register_fake
-def _(x, w13, sz13, group13, w2, sz2, group2, topk_ids, topk_weights, a13, b13, a2, b2, smooth13, smooth2):
-    return x.new_empty(x.shape[0], w2.shape[1])
 
 
 @torch.library.custom_op("vllm_qe::qe_fused_moe_packed", mutates_args=())
@@ -148,3 +109,79 @@ def qe_fused_moe_packed(
 def _(x, w13_packed, w13_scale, w13_zero, w2_packed, w2_scale, w2_zero, bits, group_size, topk_ids, topk_weights,
       a13, b13, a2, b2, smooth13, smooth2):
     return x.new_empty(x.shape[0], w2_packed.shape[1])
+
+
+class _PackedOpKernel(QEGemmKernel):
+    """The `vllm_qe::qe_gemm_packed` op on the checkpoint's own tensors; smoothing and activation quantization fused."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        pass
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(layer, x, None, None)
+
+    def forward(self, layer: torch.nn.Module, x: torch.Tensor, smooth: torch.Tensor | None,
+                act_absmax: torch.Tensor | None) -> torch.Tensor:
+        return qe_gemm_packed(x, layer.weight_packed, layer.weight_scale, zero_data(layer), self.c.bits,
+                                  self.c.group_size, smooth, self.c.act_bits, act_absmax)
+
+
+class TritonGemmKernel(_PackedOpKernel):
+    """kernels/triton/gemm.py `qe_gemm`: in-kernel dequantization of the bitstream (any bits), fused activation
+    quantization. Not runnable on this project's CPU machines (no GPU); its numerics are tested with the
+    Triton interpreter."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Scales and zero points to the N-major layout once (`gemm.kernel_layout`: same values and shape, N
+        unit-stride), so a tile's per-group scale loads are contiguous (vectorized: docs/benchmarks/static-sm90.md)."""
+        from vllm_qe.kernels.triton.gemm import kernel_layout  # imports Triton: CUDA only
+
+        scale, zero = kernel_layout(layer.weight_scale.data, zero_data(layer))
+        layer.weight_scale.data = scale
+        if zero is not None:
+            getattr(layer, spec.WEIGHT_ZERO).data = zero
+
+    @classmethod
+    def can_implement(cls, c: QELayerSpec, target: KernelTarget) -> tuple[bool, str | None]:
+        if target.device != "cuda":
+            return False, "CUDA only"
+        if c.act_type not in (torch.float16, torch.bfloat16, torch.float32):
+            return False, f"activation dtype {c.act_type}"
+        return True, None
+
+
+class ReferenceKernel(_PackedOpKernel):
+    """Last resort: dequantizes the packed weight to float32 on every call (never kept)."""
+
+    @classmethod
+    def can_implement(cls, c: QELayerSpec, target: KernelTarget) -> tuple[bool, str | None]:
+        return True, None
+
+
+class _PackedMoEKernel(QEMoEKernel):
+    """`vllm_qe::qe_fused_moe_packed` on the checkpoint's stacked tensors (one grid for both projections)."""
+
+    def apply(self, layer, x, topk_ids, topk_weights, adapters, smooth):
+        return qe_fused_moe_packed(
+            x, layer.w13_weight_packed, layer.w13_weight_scale, zero_data(layer, "w13_"), layer.w2_weight_packed,
+            layer.w2_weight_scale, zero_data(layer, "w2_"), self.c13.bits, self.c13.group_size, topk_ids,
+            topk_weights, *adapters, *smooth)
+
+
+class TritonMoEKernel(_PackedMoEKernel):
+    """kernels/triton/moe.py's grouped kernel (tokens sorted by expert, in-kernel dequantization). Not runnable on
+    this project's CPU machines; tested with the Triton interpreter. vLLM's Marlin / moe_wna16 int4 MoE is not
+    wired (no GPU here to measure which wins)."""
+
+    @classmethod
+    def can_implement(cls, c13, c2, target):
+        return (True, None) if target.device == "cuda" else (False, "CUDA only")
+
+
+class ReferenceMoEKernel(_PackedMoEKernel):
+    """Last resort: dequantizes one active expert at a time, per call (8-bit experts, groups torch's int4 GEMM
+    rejects)."""
+
+    @classmethod
+    def can_implement(cls, c13, c2, target):
+        return True, None
