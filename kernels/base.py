@@ -33,10 +33,13 @@ class KernelTarget:
     def of(cls, t: torch.Tensor) -> KernelTarget:
         return cls("cuda" if t.is_cuda else "cpu")
 
+    def cpu_features_here(self) -> frozenset[str]:
+        """`cpu_features` if given, else this machine's."""
+        return cpu_features() if self.cpu_features is None else self.cpu_features
+
     def has(self, feature: str) -> bool:
         """Whether a CPU target has `feature` ("amx", "zen", "zentorch", "avx512")."""
-        feats = cpu_features() if self.cpu_features is None else self.cpu_features
-        return feature in feats
+        return feature in self.cpu_features_here()
 
 
 def cpu_features() -> frozenset[str]:

@@ -38,9 +38,9 @@ def _synthetic_module(out_f: int, in_f: int, cfg, seed: int):
 def main() -> None:
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    from vllm_qe.runtime.plugin import _disable_amx_on_cpu
+    from vllm_qe.runtime.plugin import configure_amx
 
-    _disable_amx_on_cpu()  # as every vLLM process does (bf16 on AMX machines)
+    configure_amx()  # as every vLLM process does (AMX permission, or AMX reported off)
     opts = json.loads(sys.argv[1])
     rank, ws = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     port = os.environ.get("MASTER_PORT", "29555")

@@ -55,7 +55,11 @@ logger = init_logger("vllm.plugins.vllm_qe")  # under the "vllm" logger, which v
 
 # -- 1. vLLM's mixed-precision kernels -----------------------------------------------------------------------------
 class VllmMPKernel(QEGemmKernel):
-    """vLLM's own choice (`choose_mp_linear_kernel`) on the checkpoint's tensors (compressed-tensors layout)."""
+    """vLLM's own choice (`choose_mp_linear_kernel`) on the checkpoint's tensors (compressed-tensors layout).
+
+    On CPU, W4A8 layers run as real int8 x int4 (`fuses_act_quant`: the kernel quantizes the activations itself,
+    per token, as the format's A8 scheme does); W4A16 layers never take vLLM's W4A16-as-W4A8 shortcut
+    (`VLLM_CPU_INT4_W4A8`) unless `VLLM_QE_W4A16_AS_W4A8=1` (docs/benchmarks/cpu.md gives its KL cost)."""
 
     vllm_backed = True
 
@@ -65,10 +69,16 @@ class VllmMPKernel(QEGemmKernel):
         if kind is None:
             raise ValueError(why)
         self.inner: MPLinearKernel = kind(c.mp, spec.WEIGHT_PACKED, spec.WEIGHT_SCALE, spec.WEIGHT_ZERO)
+        target = target or KernelTarget("cpu")
+        self.cpu_w4a8 = target.device == "cpu" and wants_w4a8(c) and w4a8_fused_block(c, kind.__name__, target) is None
+
+    @property
+    def fuses_act_quant(self) -> bool:  # type: ignore[override]
+        return self.cpu_w4a8
 
     @property
     def name(self) -> str:
-        return type(self.inner).__name__
+        return type(self.inner).__name__ + ("(W4A8)" if self.cpu_w4a8 else "")
 
     @classmethod
     def can_implement(cls, c: QELayerSpec, target: KernelTarget) -> tuple[bool, str | None]:
@@ -76,6 +86,10 @@ class VllmMPKernel(QEGemmKernel):
         return (kind is not None), why
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from unittest import mock
+
+        import vllm.envs as envs
+
         dtype = self.c.act_type
         layer.weight_scale.data = layer.weight_scale.data.to(dtype)
         zero = getattr(layer, spec.WEIGHT_ZERO, None)
@@ -86,7 +100,13 @@ class VllmMPKernel(QEGemmKernel):
             layer.register_parameter(spec.WEIGHT_ZERO, PackedvLLMParameter(
                 data=packed, input_dim=1, output_dim=0, packed_dim=0, packed_factor=32 // bits,
                 weight_loader=_no_loader))
-        self.inner.process_weights_after_loading(layer)
+        # vLLM's CPU kernels read VLLM_CPU_INT4_W4A8 (default on) to serve *every* symmetric int4 layer as W4A8:
+        # set it per layer to what the checkpoint declares.
+        with mock.patch.object(envs, "VLLM_CPU_INT4_W4A8", self.cpu_w4a8, create=True):
+            self.inner.process_weights_after_loading(layer)
+        took = bool(getattr(layer, "use_w4a8", False) or getattr(layer, "_zentorch_da8w4", False))
+        if self.cpu_w4a8 and not took:
+            raise RuntimeError(f"vllm-qe: {self.name} did not take its W4A8 path for a {self.c.describe()} layer")
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.inner.apply_weights(layer, x, None)
@@ -94,9 +114,6 @@ class VllmMPKernel(QEGemmKernel):
 
 def _no_loader(*args, **kwargs) -> None:
     raise RuntimeError("vllm-qe: repacked parameters are not reloadable")
-
-
-_CPU_HALF_ONLY = {"CPUWNA16LinearKernel", "ZentorchWNA16LinearKernel"}
 
 
 def vllm_choice(c: QELayerSpec, target: KernelTarget) -> tuple[type[MPLinearKernel] | None, str | None]:
@@ -114,41 +131,111 @@ def vllm_choice(c: QELayerSpec, target: KernelTarget) -> tuple[type[MPLinearKern
             kind = choose_mp_linear_kernel(c.mp, target.capability)
     except ValueError as e:
         return None, str(e).splitlines()[0]
-    if target.device == "cpu" and kind.__name__ in _CPU_HALF_ONLY and c.act_type == torch.float32:
-        # vLLM's `can_implement` accepts float32, but `cpu_gemm_wna16` has no float32 path (measured).
-        return None, f"{kind.__name__} runs bf16/fp16 activations only"
-    if (target.device == "cpu" and kind.__name__ == "CPUWNA16LinearKernel" and not torch.cpu._is_amx_tile_supported()
-            and os.environ.get("VLLM_QE_CPU_KERNEL") != "vllm"):
-        # Without AMX (off in every vLLM process here, see plugin.py) `cpu_gemm_wna16` runs its generic "vec" path:
-        # 30 ms vs 0.9 ms for torch's int4 GEMM at M=1, 1536x8960 g128, one thread (benchmarks/cpu_serving.py).
-        return None, "CPUWNA16 without AMX (generic path, measured ~30x slower than torch's int4 GEMM at M=1; " \
-                     "VLLM_QE_CPU_KERNEL=vllm keeps it)"
+    if target.device == "cpu":
+        why = cpu_policy(c, kind.__name__, target)
+        if why is not None:
+            return None, why
     return kind, None
+
+
+# Measured on this project's 2-core Intel (AMX) machine, 1536 -> 8960 g128 bf16, 2 threads, ms per call at M = 1 /
+# 8 / 32 / 128 / 512 (benchmarks/cpu_serving.py's base-GEMM table reruns it): bf16 F.linear 1.07 / 1.11 / 1.31 /
+# 2.79 / 8.51; vLLM W4A8 `int4_scaled_mm_cpu` 0.28 / 0.66 / 0.92 / 2.49 / 10.1; vLLM W4A16 CPUWNA16 (AMX) 1.74 /
+# 1.84 / 2.10 / 3.24 / 8.30; torch int4 GEMM 0.48 / 1.59 / 5.78 / 23.2 / 93.
+def cpu_policy(c: QELayerSpec, kind: str, target: KernelTarget) -> str | None:
+    """Why vLLM's CPU kernel `kind` (its class name) must not serve layer `c` on `target`, or None to take it.
+
+    - W4A8 (`act_bits` 8, symmetric 4-bit, bf16) is taken where vLLM's kernel computes the format's A8 scheme
+      itself (`w4a8_fused_block`).
+    - Otherwise torch's int4 GEMM serves the layer (faster at decode than either vLLM kernel, see the figures above)
+      unless `VLLM_QE_CPU_KERNEL=vllm`; then weight-only and A4/A6/A8 layers (fake-quantized in torch first) run
+      vLLM's W4A16 kernel."""
+    if kind in ("CPUWNA16LinearKernel", "ZentorchWNA16LinearKernel") and c.act_type != torch.bfloat16:
+        # vLLM's `can_implement` accepts float32, but `cpu_gemm_wna16` has no float32 path (measured).
+        return f"{kind} runs bf16 activations only here"
+    block = w4a8_fused_block(c, kind, target) if wants_w4a8(c) else None
+    if wants_w4a8(c) and block is None:
+        return None
+    if os.environ.get("VLLM_QE_CPU_KERNEL") == "vllm":
+        return None
+    return block or (f"{kind} for A{c.act_bits or 16}: torch's int4 GEMM is faster at decode (measured, "
+                     "runtime/kernels.py; VLLM_QE_CPU_KERNEL=vllm takes vLLM's kernel)")
+
+
+def wants_w4a8(c: QELayerSpec) -> bool:
+    """The layer asks for int8 activations: A8, or W4A16 served as W4A8 on request (`VLLM_QE_W4A16_AS_W4A8=1`)."""
+    return c.act_bits == 8 or (c.act_bits == 0 and os.environ.get("VLLM_QE_W4A16_AS_W4A8") == "1")
+
+
+def w4a8_fused_block(c: QELayerSpec, kind: str, target: KernelTarget) -> str | None:
+    """Why vLLM's CPU kernel `kind` cannot run layer `c` as real int8 x int4 with the format's A8 numerics, or None.
+
+    CPUWNA16's AMX `int4_scaled_mm_cpu` quantizes each token to int8 with a float32 scale, as the format does
+    (output within bf16 rounding of the format's reference, tests/test_cpu_w4a8.py); zentorch's
+    `zentorch_dynamic_qlinear` rounds the per-token scale to bf16 first, so it is taken only with
+    `VLLM_QE_ZENTORCH_W4A8=1`."""
+    if not (c.bits == 4 and c.symmetric and c.act_type == torch.bfloat16):
+        return f"{kind}: its W4A8 path is symmetric 4-bit with bf16 activations only"
+    if c.in_p != c.in_full:
+        return (f"{kind}: a row-parallel shard ({c.in_p} of {c.in_full} inputs) would quantize its slice with "
+                "its own int8 scale; the format's scale spans the whole token")
+    if kind == "CPUWNA16LinearKernel":
+        if not (target.has("amx") and torch.cpu._is_amx_tile_supported()):
+            return "CPUWNA16's W4A8 path (int4_scaled_mm_cpu) needs AMX, which this CPU or process lacks"
+        return None
+    if kind == "ZentorchWNA16LinearKernel":
+        if os.environ.get("VLLM_QE_ZENTORCH_W4A8") != "1":
+            return ("zentorch_dynamic_qlinear rounds the per-token activation scale to bf16, the checkpoint's "
+                    "A8 scheme keeps it float32 (VLLM_QE_ZENTORCH_W4A8=1 accepts the difference)")
+        return None
+    return f"{kind} has no W4A8 path"
 
 
 @contextlib.contextmanager
 def _platform_view(target: KernelTarget):
-    """Run vLLM's chooser as if on `target` (a CUDA device of `target.capability` on any host): patches
-    `current_platform` in vLLM's kernel-selection modules. A no-op when `target` is where we run."""
+    """Run vLLM's chooser as if on `target`: a CUDA device of `target.capability`, or a CPU with the given
+    `target.cpu_features` (a Zen CPU with or without zentorch), on any host. Patches `current_platform` (and, for
+    CPUs, zentorch's op check) in vLLM's kernel-selection modules. A no-op when `target` is where we run."""
     from vllm.platforms import current_platform
 
     here = "cuda" if current_platform.is_cuda() else "cpu" if current_platform.is_cpu() else "other"
-    if target.device == here and target.capability is None:
+    if target.device == here and target.capability is None and target.cpu_features is None:
         yield
         return
-    if target.device != "cuda" or target.capability is None:
+    if target.device == "cpu" and here == "cpu":
+        view, patches = current_platform, {}
+        zen = target.has("zen") and target.has("zentorch")
+        view = _zen_view(current_platform, zen)
+        patches["has_zentorch_op"] = lambda names: zen
+    elif target.device == "cuda" and target.capability is not None:
+        view, patches = _cuda_platform(target.capability), {}
+    else:
         raise ValueError(f"cannot evaluate kernels for {target} on a {here} host (give a CUDA capability)")
-    view = _cuda_platform(target.capability)
     mods = [m for n, m in list(sys.modules.items()) if m is not None and (
         n.startswith("vllm.model_executor.kernels.linear") or n.startswith("vllm.model_executor.layers.quantization.utils"))
         and getattr(m, "current_platform", None) is current_platform]
+    saved = [(m, k, getattr(m, k)) for m in mods for k in patches if hasattr(m, k)]
     for m in mods:
         m.current_platform = view
+    for m, k, _ in saved:
+        setattr(m, k, patches[k])
     try:
         yield
     finally:
         for m in mods:
             m.current_platform = current_platform
+        for m, k, v in saved:
+            setattr(m, k, v)
+
+
+def _zen_view(platform, zen: bool):
+    """`platform` (this CPU's) answering `is_zen_cpu()` with `zen`."""
+
+    class ZenView(type(platform)):
+        def is_zen_cpu(self) -> bool:
+            return zen
+
+    return ZenView()
 
 
 def _cuda_platform(capability: int):
