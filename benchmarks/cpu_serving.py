@@ -42,7 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_LAYERS, REAL_VOCAB = 28, 151936
-LABELS = ("bf16 (stock vLLM)", "W4 g128 (vllm-qe)", "W4 g128 + QE (vllm-qe)")
+LABELS = ("bf16 (stock vLLM)", "W4 g128 (vllm-qe)", "W4 g128 + QE (vllm-qe)", "W4A8 g128 sym (vllm-qe)",
+          "W4A8 g128 sym + QE (vllm-qe)")
 QE_ADAPTERS = {"shared_rank": 4, "num_routed": 4, "routed_rank": 4, "top_k": 1}
 
 
@@ -67,13 +68,14 @@ def _write_model(out: Path, layers: int) -> None:
     scale_models.write_random_model(name, out, text_layers=layers, vision_depth=1)
 
 
-def quantize_rtn(model: Path, out: Path) -> Path:
+def quantize_rtn(model: Path, out: Path, abits: int | None = None, symmetric: bool = False) -> Path:
     from vllm_qe.calibration.api import CalibrationConfig, calibrate
 
     if (out / "config.json").exists():
         return out
-    return calibrate(model, out, CalibrationConfig(method="rtn", wbits=4, group_size=128, num_samples=2,
-                                                   quantize_vision=False), overwrite=True, progress=False)
+    return calibrate(model, out, CalibrationConfig(method="rtn", wbits=4, abits=abits, symmetric=symmetric,
+                                                   group_size=128, num_samples=2, quantize_vision=False),
+                     overwrite=True, progress=False)
 
 
 def add_qe_adapters(rtn: Path, out: Path, seed: int = 0) -> tuple[Path, float]:
@@ -250,13 +252,15 @@ def _best_ms(fn, repeats: int) -> float:
 GEMM_TOKENS = (1, 8, 32, 64, 128, 512)
 
 
-def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float, float, float]]:
+def gemm_microbench(repeats: int = 5) -> list[tuple[int, ...]]:
     """Base GEMM of one 2B-width MLP projection (in 1536, out 8960, W4 g128 symmetric, bf16 activations):
-    (tokens, torch int4 GEMM ms, vLLM CPUWNA16 ms, dequantize + dense GEMM ms, the plugin's dispatch ms, bf16
-    `F.linear` ms), best of `repeats`."""
+    (tokens, torch int4 GEMM ms, vLLM CPUWNA16 W4A16 ms, vLLM CPUWNA16 W4A8 ms (`int4_scaled_mm_cpu`; nan without
+    AMX), dequantize + dense GEMM ms, the plugin's dispatch ms, bf16 `F.linear` ms), best of `repeats`. AMX as the
+    plugin configures a vLLM process (`plugin.configure_amx`)."""
     from unittest import mock
 
     import torch
+    import vllm.envs as envs
     import vllm.model_executor.parameter as vparam
     from vllm.model_executor.kernels.linear import CPUWNA16LinearKernel, MPLinearLayerConfig
     from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
@@ -264,34 +268,42 @@ def gemm_microbench(repeats: int = 5) -> list[tuple[int, float, float, float, fl
 
     from vllm_qe.format.packing import pack
     from vllm_qe.kernels.int4pack_cpu import int4pack_mm
+    from vllm_qe.runtime.plugin import configure_amx
 
+    configure_amx()
     K, N, g = 1536, 8960, 128
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.int32)
     s = (torch.rand(N, K // g, generator=gen) * 0.01 + 1e-3).bfloat16()
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     sz = torch.stack([s.float().t(), torch.zeros(K // g, N)], -1).contiguous().bfloat16()
-    layer = torch.nn.Module()
-    with mock.patch.object(vparam, "get_tensor_model_parallel_rank", return_value=0), \
-            mock.patch.object(vparam, "get_tensor_model_parallel_world_size", return_value=1):
-        layer.weight_packed = PackedvLLMParameter(data=pack(q, 4), input_dim=1, output_dim=0, packed_dim=1,
-                                                  packed_factor=8, weight_loader=None)
-        layer.weight_scale = GroupQuantScaleParameter(data=s, output_dim=0, input_dim=1, weight_loader=None)
-    layer.bias = None
-    kernel = CPUWNA16LinearKernel(MPLinearLayerConfig((K, N), (K, N), scalar_types.uint4b8, torch.bfloat16, g,
-                                                      False), "weight_packed", "weight_scale", None)
-    with mock.patch.object(torch.cpu, "_is_amx_tile_supported", return_value=False):  # as the plugin sets it
-        kernel.process_weights_after_loading(layer)
+
+    def vllm_layer(w4a8: bool):
+        layer = torch.nn.Module()
+        with mock.patch.object(vparam, "get_tensor_model_parallel_rank", return_value=0), \
+                mock.patch.object(vparam, "get_tensor_model_parallel_world_size", return_value=1):
+            layer.weight_packed = PackedvLLMParameter(data=pack(q, 4), input_dim=1, output_dim=0, packed_dim=1,
+                                                      packed_factor=8, weight_loader=None)
+            layer.weight_scale = GroupQuantScaleParameter(data=s, output_dim=0, input_dim=1, weight_loader=None)
+        layer.bias = None
+        kernel = CPUWNA16LinearKernel(MPLinearLayerConfig((K, N), (K, N), scalar_types.uint4b8, torch.bfloat16, g,
+                                                          False), "weight_packed", "weight_scale", "weight_zero_point")
+        with mock.patch.object(envs, "VLLM_CPU_INT4_W4A8", w4a8, create=True):
+            kernel.process_weights_after_loading(layer)
+        return (lambda x: kernel.apply_weights(layer, x)) if getattr(layer, "use_w4a8", False) == w4a8 else None
+
+    wna16, wa8 = vllm_layer(False), vllm_layer(True)
     dense = (torch.randn(N, K, generator=gen) * 0.02).bfloat16()
     rows = []
     for T in GEMM_TOKENS:
         x = torch.randn(T, K, generator=gen).bfloat16()
         fns = (lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, g, sz),
-               lambda x=x: kernel.apply_weights(layer, x),
+               lambda x=x: wna16(x),
+               (lambda x=x: wa8(x)) if wa8 else None,
                lambda x=x: int4pack_mm(x, w4, g, sz, min_tokens=1),
                lambda x=x: torch.ops.vllm_qe.int4pack_linear(x, w4, g, sz),
                lambda x=x: torch.nn.functional.linear(x, dense))
-        rows.append((T, *(_best_ms(fn, repeats if T <= 128 else 2) for fn in fns)))
+        rows.append((T, *(_best_ms(fn, repeats if T <= 128 else 2) if fn else float("nan") for fn in fns)))
     return rows
 
 
@@ -419,8 +431,10 @@ def main() -> int:
     model = build_model(work / f"qwen2vl-2b-widths-l{a.layers}", a.layers)
     rtn = quantize_rtn(model, work / f"{model.name}-rtn-w4g128")
     qe, qe_bits = add_qe_adapters(rtn, work / f"{model.name}-rtn-w4g128-qe")
+    a8 = quantize_rtn(model, work / f"{model.name}-rtn-w4a8g128s", abits=8, symmetric=True)
+    a8qe, _ = add_qe_adapters(a8, work / f"{model.name}-rtn-w4a8g128s-qe")
     print(f"checkpoints ready in {time.time() - t0:.0f}s; QE adapters {qe_bits:.3f} bit/weight", flush=True)
-    variants = dict(zip(LABELS, [(model, False), (rtn, True), (qe, True)]))
+    variants = dict(zip(LABELS, [(model, False), (rtn, True), (qe, True), (a8, True), (a8qe, True)]))
     results = {}
     load = [os.getloadavg()[0]]
     for label, (ckpt, quantized) in variants.items():
@@ -474,7 +488,7 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
            decode: dict[str, float]) -> str:
     labels = list(LABELS)
     missing = {"summary": {"kernels": "not run", "layers": 0}, "quantized": {}}
-    fp, w4, qe = (results.get(k, missing) for k in labels)
+    fp, w4, qe, a8, a8qe = (results.get(k, missing) for k in labels)
     results = {k: results.get(k, missing) for k in labels}
     # bf16 bytes of the quantized layers, 2·out·in each: vLLM's CPU bf16 linear hands its weights to oneDNN / sgl-kernel
     # (prepacked, outside the module's parameters), so the stock model's parameters do not show them.
@@ -504,7 +518,8 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
              f"{w4['summary']['layers']} quantized layers. QE adapters: shared rank {QE_ADAPTERS['shared_rank']}, "
              f"{QE_ADAPTERS['num_routed']} routed experts of rank {QE_ADAPTERS['routed_rank']}, router, smoothing "
              f"= {qe_bits or float('nan'):.3f} bit/weight (bf16 adapters, fp32 router). Kernels: "
-             f"W4 {w4['summary']['kernels']}, W4+QE {qe['summary']['kernels']}. dtype bf16, "
+             f"W4 {w4['summary']['kernels']}, W4+QE {qe['summary']['kernels']}, W4A8 {a8['summary']['kernels']}, "
+             f"W4A8+QE {a8qe['summary']['kernels']}. dtype bf16, "
              f"{'eager' if a.eager else 'vLLM default compilation'}, {a.threads} OpenMP thread(s), best of {a.repeats}; "
              "load average " + (", ".join(f"{x:.1f}" for x in load) + " (start, after each variant)" if load else
                                 "not recorded") + " on a 2-core machine shared with other jobs.", "",
@@ -527,7 +542,17 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
             return "n/a"
         return format(1 - v if slower else v, fmt)
 
-    lines += ["", "Targets (issue 12): W4 resident ≤ 35 % of bf16 (adapters included): "
+    def vs_bf16(r: dict) -> str:
+        return ", ".join(f"{k.split('_tok')[0]} b{k[-1]} {ratio(r, fp, k, '.2f')}x"
+                         for k in ("prefill_tok_s_b1", "prefill_tok_s_b8", "decode_tok_s_b1", "decode_tok_s_b8"))
+
+    lines += ["", "Targets (issue 22): W4A8 (+ QE) ≥ 1.3x bf16 at prefill batch 1 and 8 and decode batch 8, ≥ 2.5x "
+              f"at decode batch 1: W4A8 {vs_bf16(a8)}; W4A8 + QE {vs_bf16(a8qe)}. W4A16 ≥ 1.0x everywhere: "
+              f"{vs_bf16(w4)}. Resident ≤ 35 % of bf16: W4A8 {cell(lambda r: f'{q_bytes(r) / fp_q:.1%}', a8)}, "
+              f"W4A8 + QE {cell(lambda r: f'{q_bytes(r) / fp_q:.1%}', a8qe)}. QE adapters ≤ 10 % over the same "
+              f"base: W4A8 decode b1 {ratio(a8qe, a8, 'decode_tok_s_b1', '+.1%', True)}, prefill b1 "
+              f"{ratio(a8qe, a8, 'prefill_tok_s_b1', '+.1%', True)} slower.", "",
+              "Targets (issue 12): W4 resident ≤ 35 % of bf16 (adapters included): "
               f"W4 {cell(lambda r: f'{q_bytes(r) / fp_q:.1%}', w4)}, "
               f"W4+QE {cell(lambda r: f'{q_bytes(r) / fp_q:.1%}', qe)}; decode batch 1 ≥ 2x bf16: "
               f"{ratio(w4, fp, 'decode_tok_s_b1', '.2f')}x; adapters ≤ 15 % over plain W4 at batch 1: decode "
@@ -539,15 +564,18 @@ def render(results: dict, a, qe_bits: float | None, load: list[float] | None,
               "punica ops (`bgmv_shrink` + `bgmv_expand`, which gather every token's adapter weights).", "",
               "| tokens | masked (ms) | vLLM torch punica (ms) |", "|---|---|---|"]
     lines += [f"| {t} | {m:.3f} | {p:.3f} |" for t, m, p in micro] + [""]
-    lines += ["Base GEMM of one MLP projection (in 1536, out 8960, W4 g128, bf16), per call, best of 5 (2 at 512 "
-              f"tokens), {a.threads} thread(s): torch's int4 GEMM vs vLLM's CPUWNA16 (`cpu_gemm_wna16`, generic path: "
-              "AMX is off in every vLLM process here) vs dequantizing torch's int4pack bytes (in column chunks) + "
-              "bf16 GEMM vs the plugin's dispatch (`vllm_qe::int4pack_linear`: int4 GEMM below "
-              f"{_min_tokens()} tokens, dequantize + GEMM from there) vs bf16 `F.linear` on a resident bf16 weight.",
-              "", "| tokens | torch int4 (ms) | vLLM CPUWNA16 (ms) | dequant + F.linear (ms) | plugin dispatch (ms) "
-              "| bf16 F.linear (ms) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {t} | {i4:.2f} | {wna:.2f} | {dq:.2f} | {disp:.2f} | {bf:.2f} |"
-              for t, i4, wna, dq, disp, bf in gemm] + [""]
+    lines += ["Base GEMM of one MLP projection (in 1536, out 8960, W4 g128 sym, bf16), per call, best of 5 (2 at 512 "
+              f"tokens), {a.threads} thread(s), AMX as the plugin configures a vLLM process: torch's int4 GEMM vs "
+              "vLLM's CPUWNA16 W4A16 (`cpu_gemm_wna16`; AMX path where the CPU has it) vs vLLM's CPUWNA16 W4A8 "
+              "(`int4_scaled_mm_cpu`, int8 activations: what W4A8 checkpoints run on AMX CPUs; n/a without AMX) vs "
+              "dequantizing torch's int4pack bytes (in column chunks) + bf16 GEMM vs the plugin's W4A16 dispatch "
+              f"(`vllm_qe::int4pack_linear`: int4 GEMM below {_min_tokens()} tokens, dequantize + GEMM from there) vs "
+              "bf16 `F.linear` on a resident bf16 weight (oneDNN).",
+              "", "| tokens | torch int4 (ms) | vLLM CPUWNA16 W4A16 (ms) | vLLM W4A8 int8 x int4 (ms) | "
+              "dequant + F.linear (ms) | plugin W4A16 dispatch (ms) | bf16 F.linear (ms) |",
+              "|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join([str(row[0])] + [f"{v:.2f}" if v == v else "n/a" for v in row[1:]]) + " |"
+              for row in gemm] + [""]
     step = {k: 1e3 / r["decode_tok_s_b1"] for k, r in (("bf16", fp), ("w4", w4), ("qe", qe))
             if "decode_tok_s_b1" in r}
     gemm_w4, gemm_bf = decode["int4"] + decode["lm_head"], decode["bf16"] + decode["lm_head"]

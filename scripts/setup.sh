@@ -15,7 +15,7 @@ else
   extra="cpu"
 fi
 stamp="$venv/.vllm-qe-setup"
-want="$(cat pyproject.toml scripts/setup.sh scripts/fix_cpu_env.py | sha256sum | cut -d' ' -f1)-$extra"
+want="$(cat pyproject.toml scripts/setup.sh scripts/fix_cpu_env.py | sha256sum | cut -d' ' -f1)-$extra-$(grep -c AuthenticAMD /proc/cpuinfo 2>/dev/null || true)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
@@ -31,7 +31,13 @@ if [[ "$extra" == "cpu" ]]; then
   # The machine's local CPU torch wheel must win over PyPI's CUDA build.
   pip_install "torch==2.13.0"
 fi
-pip_install -e ".[$extra,dev]"
+extras="$extra,dev"
+if [[ "$extra" == "cpu" ]] && grep -q AuthenticAMD /proc/cpuinfo 2>/dev/null && grep -q avx512f /proc/cpuinfo; then
+  # AMD Zen with AVX-512: vLLM's Zen platform and its zentorch kernels (pyproject's `zen` extra). Nowhere else:
+  # on other CPUs zentorch would only add an import (vLLM checks the vendor before using it).
+  extras="$extras,zen"
+fi
+pip_install -e ".[$extras]"
 if [[ "$extra" == "cpu" ]]; then
   "$venv/bin/python" scripts/fix_cpu_env.py
 fi

@@ -58,7 +58,10 @@ BF16_NEAR_TIE = 0.25
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("arch, method, cfg, compiled", [
-    ("qwen2_vl", "rtn", dict(wbits=4, abits=None), True),  # vLLM's CPUWNA16 for every layer
+    ("qwen2_vl", "rtn", dict(wbits=4, abits=None), True),  # torch's int4 GEMM for every layer
+    # symmetric W4A8 on AMX machines: vLLM's int8 x int4 (int4_scaled_mm_cpu), + smoothing, adapters, router
+    ("qwen2_vl", "rtn", dict(wbits=4, abits=8, symmetric=True), False),
+    ("qwen2_vl", "qe", dict(wbits=4, abits=8, symmetric=True, method_params=QE_SMALL), True),
     ("qwen2_vl", "qe", dict(wbits=4, abits=None, method_params=QE_SMALL), True),  # + smoothing, adapters, router
     ("llava", "qe", dict(wbits=3, abits=None, method_params=QE_SMALL), False),  # torch int4pack (3-bit in 4)
     ("qwen3_vl_moe", "rtn", dict(wbits=4, abits=None), False),  # experts in int4pack
@@ -78,9 +81,18 @@ def test_vllm_bf16_matches_bf16_reference(arch, method, cfg, compiled, quantized
     resident = out.pop()["resident"][0]
     h = run_transformers(load_fake_quant_model(ckpt, dtype=torch.bfloat16), ckpt, reqs)
     assert_greedy_close(out, h, BF16_NEAR_TIE, BF16_LOGPROB_ATOL)
-    assert "ReferenceKernel" not in resident["kernels"] and "ReferenceMoE" not in resident["kernels"], resident
+    assert "ReferenceKernel" not in resident["kernels"] and "ReferenceMoEKernel" not in resident["kernels"], resident
+    if cfg.get("abits") == 8 and _amx_usable():  # the A8 layers run as real int8 x int4
+        assert "CPUWNA16LinearKernel(W4A8)" in resident["kernels"], resident
     adapters = _adapter_bf16_bytes(ckpt)
     assert resident["quantized"] <= 0.40 * resident["bf16"] + adapters, (resident, adapters)
+
+
+def _amx_usable() -> bool:
+    from vllm_qe.kernels.base import cpu_features
+    from vllm_qe.runtime.plugin import request_amx_permission
+
+    return "amx" in cpu_features() and request_amx_permission()
 
 
 def _adapter_bf16_bytes(ckpt) -> int:
