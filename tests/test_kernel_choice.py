@@ -144,3 +144,23 @@ def test_triton_kernel_loads_scales_n_major_and_still_matches_the_reference(symm
     monkeypatch.setenv("VLLM_QE_FORCE_TRITON", "1")
     got = tri.apply(tri_layer, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,bits,group,want", [
+    ("cpu", 4, 32, "Int4PackMoEKernel"),  # every expert in torch's int4 layout
+    ("cpu", 3, 128, "Int4PackMoEKernel"),  # 3-bit held in 4
+    ("cpu", 8, 32, "ReferenceMoEKernel"),  # 8-bit: per-call dequantization of the active experts
+    ("cpu", 4, 16, "ReferenceMoEKernel"),  # groups torch's int4 GEMM rejects
+    ("cuda", 4, 128, "TritonMoEKernel"),
+])
+def test_moe_experts_are_chosen_from_the_same_registry(device, bits, group, want):
+    from vllm_qe.runtime.kernels import choose_moe_kernel_class
+
+    dt = torch.bfloat16
+    c13 = QELayerSpec.build(256, 2 * 96, 256, 2 * 96, bits, group, True, 0, dt)
+    c2 = QELayerSpec.build(96, 256, 96, 256, bits, group, True, 0, dt)
+    target = KernelTarget(device, 90 if device == "cuda" else None)
+    kind, reasons = choose_moe_kernel_class(c13, c2, target)
+    assert kind.__name__ == want, reasons
+    if want == "ReferenceMoEKernel" and device == "cpu":
+        assert reasons and reasons[0].startswith("Int4PackMoEKernel:"), reasons
