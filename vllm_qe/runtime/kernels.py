@@ -102,14 +102,23 @@ class VllmMPKernel(QEGemmKernel):
                 weight_loader=_no_loader))
         # vLLM's CPU kernels read VLLM_CPU_INT4_W4A8 (default on) to serve *every* symmetric int4 layer as W4A8:
         # set it per layer to what the checkpoint declares.
+        bias = getattr(layer, "bias", None)
+        bias_dtype = None if bias is None else bias.dtype
         with mock.patch.object(envs, "VLLM_CPU_INT4_W4A8", self.cpu_w4a8, create=True):
             self.inner.process_weights_after_loading(layer)
+        if bias is not None and layer.bias.dtype != bias_dtype:
+            # CPUWNA16's W4A8 repack casts the bias to float32 for its own fused add; QELinearMethod adds the bias
+            # itself (after the adapters), in the activation dtype: a float32 bias would turn the layer's output,
+            # and the residual stream after it, float32.
+            layer.bias.data = layer.bias.data.to(bias_dtype)
         took = bool(getattr(layer, "use_w4a8", False) or getattr(layer, "_zentorch_da8w4", False))
         if self.cpu_w4a8 and not took:
             raise RuntimeError(f"vllm-qe: {self.name} did not take its W4A8 path for a {self.c.describe()} layer")
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.apply_weights(layer, x, None)
+        """In the layer's activation dtype, input and output (vLLM's CPU kernels reject others; Qwen2-VL's vision
+        tower hands its first bf16 layer float32 patches), as `Int4PackCPUKernel` does."""
+        return self.inner.apply_weights(layer, x.to(self.c.act_type), None)
 
 
 def _no_loader(*args, **kwargs) -> None:
