@@ -23,6 +23,11 @@ from __future__ import annotations
 import torch
 
 
+def pair(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An adapter's (A, B) as one optional pair, as the MoE ops' references take them."""
+    return None if a is None else (a, b)
+
+
 def routed_masked(x: torch.Tensor, a_all: torch.Tensor, b_g: torch.Tensor, ids_g: torch.Tensor,
                   num_experts: int, col0: int = 0) -> torch.Tensor:
     """Routed adapters of one module: `x` `[T, in]`, `a_all` `[E·r, in]` (this module's experts, stacked),

@@ -15,6 +15,7 @@ import torch
 from vllm_qe.format import spec
 from vllm_qe.format.packing import unpack
 from vllm_qe.kernels import reference
+from vllm_qe.kernels.adapters import pair as _pair
 from vllm_qe.kernels.base import (
     KernelTarget,
     QEGemmKernel,
@@ -205,8 +206,8 @@ def qe_moe_int4pack(
         xs = a if smooth2 is None else a.float() / smooth2[e]
         return int4pack_mm(xs.to(dt).contiguous(), w2[e], group2, sz2[e])
 
-    return reference.fused_moe_with(x, gemm13, gemm2, w2.shape[1], topk_ids, topk_weights, None if a13 is None else (a13, b13),
-                                    None if a2 is None else (a2, b2))
+    return reference.fused_moe_with(x, gemm13, gemm2, w2.shape[1], topk_ids, topk_weights, _pair(a13, b13),
+                                    _pair(a2, b2))
 
 
 @qe_moe_int4pack.register_fake

@@ -16,6 +16,7 @@ import torch
 from vllm_qe.format import spec
 from vllm_qe.format.module import dequantize_packed
 from vllm_qe.kernels import reference
+from vllm_qe.kernels.adapters import pair as _pair
 from vllm_qe.kernels.base import KernelTarget, QEGemmKernel, QELayerSpec, QEMoEKernel, zero_data
 
 
@@ -53,10 +54,6 @@ def qe_gemm_packed(
 @qe_gemm_packed.register_fake
 def _(x, packed, scale, zero, bits, group_size, smooth, act_bits, act_absmax):
     return x.new_empty(x.shape[0], packed.shape[0])
-
-
-def _pair(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return None if a is None else (a, b)
 
 
 @torch.library.custom_op("vllm_qe::qe_fused_moe_packed", mutates_args=())

@@ -8,6 +8,7 @@ from unittest import mock
 import pytest
 import torch
 
+from tests.helpers.amx import amx_usable
 from tests.helpers.packed import random_packed_layer
 from vllm_qe.format.module import dequantize_packed
 from vllm_qe.kernels import reference
@@ -23,12 +24,6 @@ INTEL_NO_AMX = frozenset({"avx512"})
 def _spec(act_bits: int, in_f: int = 512, out_f: int = 256, symmetric: bool = True, in_p: int | None = None,
           dtype: torch.dtype = torch.bfloat16) -> QELayerSpec:
     return QELayerSpec.build(in_f, out_f, in_p or in_f, out_f, 4, 128, symmetric, act_bits, dtype)
-
-
-def _amx_usable() -> bool:
-    from vllm_qe.runtime.plugin import request_amx_permission
-
-    return "amx" in KernelTarget("cpu").cpu_features_here() and request_amx_permission()
 
 
 @pytest.mark.parametrize("feats,act_bits,env,want", [
@@ -68,7 +63,7 @@ def test_cpu_w4a8_refusals_name_the_reason(kw, reason, monkeypatch):
     assert reason in reasons[0], reasons
 
 
-@pytest.mark.skipif(not _amx_usable(), reason="needs an AMX CPU whose kernel grants AMX tile data (this machine: "
+@pytest.mark.skipif(not amx_usable(), reason="needs an AMX CPU whose kernel grants AMX tile data (this machine: "
                                               "none)")
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 @pytest.mark.parametrize("smooth", [False, True])

@@ -7,6 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
+from tests.helpers.amx import amx_usable
 from tests.helpers.compare import assert_greedy_close, assert_same, make_requests, run_transformers, run_vllm
 from vllm_qe.calibration.fakequant import load_fake_quant_model
 
@@ -82,17 +83,10 @@ def test_vllm_bf16_matches_bf16_reference(arch, method, cfg, compiled, quantized
     h = run_transformers(load_fake_quant_model(ckpt, dtype=torch.bfloat16), ckpt, reqs)
     assert_greedy_close(out, h, BF16_NEAR_TIE, BF16_LOGPROB_ATOL)
     assert "ReferenceKernel" not in resident["kernels"] and "ReferenceMoEKernel" not in resident["kernels"], resident
-    if cfg.get("abits") == 8 and _amx_usable():  # the A8 layers run as real int8 x int4
+    if cfg.get("abits") == 8 and amx_usable():  # the A8 layers run as real int8 x int4
         assert "CPUWNA16LinearKernel(W4A8)" in resident["kernels"], resident
     adapters = _adapter_bf16_bytes(ckpt)
     assert resident["quantized"] <= 0.40 * resident["bf16"] + adapters, (resident, adapters)
-
-
-def _amx_usable() -> bool:
-    from vllm_qe.kernels.base import cpu_features
-    from vllm_qe.runtime.plugin import request_amx_permission
-
-    return "amx" in cpu_features() and request_amx_permission()
 
 
 def _adapter_bf16_bytes(ckpt) -> int:

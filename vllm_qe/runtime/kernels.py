@@ -162,8 +162,9 @@ def cpu_policy(c: QELayerSpec, kind: str, target: KernelTarget) -> str | None:
     if kind in ("CPUWNA16LinearKernel", "ZentorchWNA16LinearKernel") and c.act_type != torch.bfloat16:
         # vLLM's `can_implement` accepts float32, but `cpu_gemm_wna16` has no float32 path (measured).
         return f"{kind} runs bf16 activations only here"
-    block = w4a8_fused_block(c, kind, target) if wants_w4a8(c) else None
-    if wants_w4a8(c) and block is None:
+    w4a8 = wants_w4a8(c)
+    block = w4a8_fused_block(c, kind, target) if w4a8 else None
+    if w4a8 and block is None:
         return None
     if os.environ.get("VLLM_QE_CPU_KERNEL") == "vllm":
         return None
@@ -212,10 +213,8 @@ def _platform_view(target: KernelTarget):
         yield
         return
     if target.device == "cpu" and here == "cpu":
-        view, patches = current_platform, {}
         zen = target.has("zen") and target.has("zentorch")
-        view = _zen_view(current_platform, zen)
-        patches["has_zentorch_op"] = lambda names: zen
+        view, patches = _zen_view(current_platform, zen), {"has_zentorch_op": lambda names: zen}
     elif target.device == "cuda" and target.capability is not None:
         view, patches = _cuda_platform(target.capability), {}
     else:
